@@ -1,0 +1,5 @@
+import sys
+
+from noisynn.cli import main
+
+sys.exit(main())

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             aggregate(args.evaluations, args.out)
             return 0
         if args.command == "figures":
-            from noisynn.report import make_figures
+            from noisynn.figures import make_figures
 
             make_figures(args.evaluations, args.paper, args.out_dir, args.dataset)
             return 0

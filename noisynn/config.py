@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,13 @@ def check_models_known(config: dict, source: str, cache_file: Path | None = None
     if cache_file:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         Path(cache_file).write_text(json.dumps(sorted(known | set(todo))))
+
+
+def job_environment(repo: Path) -> None:
+    """Let workflow jobs find this Python first on PATH and import noisynn from ``repo``.
+
+    Jobs inherit the environment (locally, and through sbatch's default --export=ALL on SLURM).
+    """
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    paths = [str(repo)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(repo)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)

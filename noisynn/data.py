@@ -58,18 +58,37 @@ def test_batches(labels: np.ndarray, order: str, batch_size: int, seed: int = 0)
 
 
 def _class_mixed(by_class: dict, batch_size: int) -> list[np.ndarray]:
-    """Greedy: each batch takes one sample from each of the classes with the most samples left."""
-    queues = {c: list(idx) for c, idx in by_class.items()}
-    batches = []
-    while any(queues.values()):
-        batch: list[int] = []
-        while len(batch) < batch_size and any(queues.values()):
-            # classes with most left first (ties by class id): maximizes distinct classes later on
-            ranked = sorted((c for c in queues if queues[c]), key=lambda c: (-len(queues[c]), c))
-            for c in ranked[: batch_size - len(batch)]:
-                batch.append(queues[c].pop(0))
-        batches.append(np.array(batch, dtype=np.int64))
-    return batches
+    """Batches of the test batch size (the last may be smaller) with the fewest repeated labels.
+
+    With B = ceil(N / batch_size) batches, a class of n samples can sit in at most min(n, B) of
+    them. Classes are placed largest demand first, one sample into each of the min(n, B) batches
+    with the most room left (Havel–Hakimi on the class–batch bipartite graph, which reaches the
+    max-flow optimum); what remains (samples of classes larger than B) fills the room left over.
+    A batch-by-batch greedy is not optimal: it spends the room of early batches on repeats of
+    small classes that later batches then lack.
+    """
+    n = sum(len(idx) for idx in by_class.values())
+    if n == 0:
+        return []
+    num_batches = -(-n // batch_size)
+    room = np.full(num_batches, batch_size, dtype=np.int64)
+    room[-1] = n - batch_size * (num_batches - 1)
+    batches: list[list[int]] = [[] for _ in range(num_batches)]
+    queues = {c: list(map(int, idx)) for c, idx in by_class.items()}
+    for c in sorted(queues, key=lambda c: (-min(len(queues[c]), num_batches), c)):
+        # most room first, ties by batch position (a stable sort keeps it deterministic)
+        targets = np.argsort(-room, kind="stable")[: min(len(queues[c]), num_batches)]
+        for j in targets[room[targets] > 0]:
+            batches[j].append(queues[c].pop(0))
+            room[j] -= 1
+    j = 0
+    for c in sorted(queues):
+        for i in queues[c]:
+            while room[j] == 0:
+                j += 1
+            batches[j].append(i)
+            room[j] -= 1
+    return [np.array(b, dtype=np.int64) for b in batches]
 
 
 def released_metric(correct_per_batch: list[int], batch_sizes: list[int]) -> float:
@@ -343,7 +362,8 @@ def _load_folder_dataset(manifest: dict, model_cfg: dict, train_augment: bool) -
 
     root = Path(manifest["root"])
     classes = manifest["classes"]
-    size = int(model_cfg.get("img_size", manifest["image_size"]))
+    # the model's input size: its config's image_size, else its img_size kwarg, else the dataset's
+    size = int(model_cfg.get("image_size") or (model_cfg.get("kwargs") or {}).get("img_size") or manifest["image_size"])
     aug = model_cfg.get("augment", {})
     train_tf = create_transform(
         size,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
 from noisynn.inject import check_site, forward_prefix, forward_suffix, inject
 from noisynn.io import provenance
-from noisynn.models import load_checkpoint
+from noisynn.models import check_model_fits_data, load_checkpoint
 from noisynn.noise import NoiseSpec, mixed_axis_size
 
 PROTOCOLS = ("clean", "released", "shuffled", "batch1", "class_pure", "class_mixed")
@@ -42,6 +43,17 @@ PROTOCOL_DEFS = {
     "class_pure": ("class_pure", None, True),
     "class_mixed": ("class_mixed", None, True),
 }
+
+
+def noise_spec_from_config(noise: dict) -> NoiseSpec:
+    """The NoiseSpec a config's noise dict describes; an unknown key is named, not a TypeError."""
+    if not isinstance(noise, dict):
+        raise UserError(f"noise must be a mapping such as {{'kind': 'linear-optimal', 'axis': 'batch'}}; got {noise!r}.")
+    known = [f.name for f in fields(NoiseSpec)]
+    unknown = sorted(set(noise) - set(known))
+    if unknown:
+        raise UserError(f"noise has unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}.")
+    return NoiseSpec(**noise)
 
 
 class PrefixCache:
@@ -97,12 +109,13 @@ def evaluate_checkpoint(
         raise UserError(f"unknown protocol(s) {', '.join(unknown)}; protocols are {', '.join(PROTOCOLS)}.")
     if int(test_batch_size) < 1:
         raise UserError(f"test_batch_size must be a positive integer; got {test_batch_size}.")
-    spec = NoiseSpec(**noise)
+    spec = noise_spec_from_config(noise)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_checkpoint(Path(checkpoint))
     data = load_dataset(Path(data_dir), meta["model"], train_augment=False)
     if data.num_classes != meta["num_classes"]:
         raise UserError(f"checkpoint {checkpoint} has {meta['num_classes']} classes but dataset {data_dir} has {data.num_classes}.")
+    check_model_fits_data(model, f"checkpoint {checkpoint}", data_dir, data.num_classes, data.in_chans, data.image_size)
     test = {"test": data.test, "val": data.val}[split]
     labels = np.asarray(test.labels)
     model.to(dev).eval()

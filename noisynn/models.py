@@ -50,6 +50,28 @@ def build_model(model_cfg: dict, num_classes: int, in_chans: int) -> nn.Module:
     return model
 
 
+def check_model_fits_data(model: nn.Module, what: str, data_dir, num_classes: int, in_chans: int, image_size: int) -> None:
+    """Refuse a model that cannot take a dataset's images or predict its classes, naming both.
+
+    Caught here, these mismatches are one sentence; left alone they surface as a shape error deep
+    in a forward pass (or, for the classes, as a silently meaningless accuracy).
+    """
+    model_classes = getattr(model, "num_classes", None)
+    if model_classes is not None and int(model_classes) != int(num_classes):
+        raise UserError(f"{what} predicts {model_classes} classes but dataset {data_dir} has {num_classes}.")
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels != in_chans:
+        raise UserError(
+            f"{what} takes {first_conv.in_channels}-channel images but dataset {data_dir} has {in_chans}-channel images."
+        )
+    patch_embed = getattr(model, "patch_embed", None)
+    fixed = getattr(patch_embed, "img_size", None) if getattr(patch_embed, "strict_img_size", False) else None
+    if fixed is not None and tuple(fixed) != (image_size, image_size):
+        raise UserError(
+            f"{what} takes {fixed[0]}×{fixed[1]} px images but dataset {data_dir} has {image_size}×{image_size} px images."
+        )
+
+
 def load_pretrained_weights(model: nn.Module, path: Path, model_name: str) -> None:
     """Load a local safetensors file (timm's or ours) into ``model``; a new classifier is kept fresh."""
     from safetensors.torch import load_file

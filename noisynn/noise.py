@@ -47,8 +47,9 @@ def quality_matrix(kind: str, k: int, alpha: float = 0.3, dtype=torch.float64) -
     """
     if kind not in LINEAR_KINDS:
         raise UserError(f"kind must be one of {', '.join(LINEAR_KINDS)}; got {kind!r}.")
-    if int(k) < 1:
-        raise UserError(f"k (the size of the mixed axis) must be at least 1; got {k}.")
+    if int(k) != k or k < 1:
+        # a fractional k would otherwise be truncated silently to a smaller matrix
+        raise UserError(f"k (the size of the mixed axis) must be a positive integer; got {k}.")
     k = int(k)
     eye = torch.eye(k, dtype=dtype)
     if kind == "optimal":
@@ -182,8 +183,9 @@ class NoiseSpec:
             raise UserError(f"noise axis must be one of {', '.join(AXES)}; got {self.axis!r}.")
         if self.kind == "linear-shift":
             _check_alpha(self.alpha)
-        if self.kind == "impulse":
-            _check_probability(self.strength)
+        if self.kind == "impulse" and not (0.0 <= float(self.strength) <= 1.0):
+            # the spec's key is strength, so the message names it rather than the operator's p
+            raise UserError(f"noise strength (the impulse probability p) must lie in [0, 1]; got {self.strength}.")
         if self.kind == "gaussian" and self.std < 0:
             raise UserError(f"noise std must be >= 0; got {self.std}.")
 

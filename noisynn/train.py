@@ -30,8 +30,8 @@ from noisynn.data import load_dataset
 from noisynn.errors import UserError
 from noisynn.inject import inject
 from noisynn.io import atomic_path, atomic_write_json, atomic_write_text, provenance
-from noisynn.models import build_model, load_checkpoint, save_checkpoint
-from noisynn.noise import NoiseSpec
+from noisynn.evaluate import noise_spec_from_config
+from noisynn.models import build_model, check_model_fits_data, load_checkpoint, save_checkpoint
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the scheduler sees a failure and retries; the retry resumes
 
@@ -66,16 +66,20 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in ("pretrain", "finetune"):
             raise UserError(f"stage must be pretrain or finetune; got {self.stage!r}.")
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("batch_size", "eval_batch_size"):
             if int(getattr(self, key)) < 1:
                 raise UserError(f"{key} must be a positive integer; got {getattr(self, key)}.")
+        if int(self.epochs) < 0 or (int(self.epochs) == 0 and not (self.stage == "pretrain" and self.model.get("pretrained"))):
+            # 0 epochs: wrap pretrained weights as the pretraining checkpoint (the released recipe
+            # fine-tunes timm's ImageNet weights directly)
+            raise UserError(f"epochs must be a positive integer (0 only for pretrain with pretrained weights); got {self.epochs}.")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0; got {self.lr}.")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"label_smoothing must lie in [0, 1); got {self.label_smoothing}.")
         if self.stage == "finetune" and not self.init_checkpoint:
             raise UserError("finetune needs init_checkpoint (the pretrained checkpoint to start from).")
-        spec = NoiseSpec(**self.noise)
+        spec = noise_spec_from_config(self.noise)
         if spec.kind != "none" and not self.site:
             raise UserError(f"noise kind {spec.kind} needs a site (e.g. blocks.3.attn or layer4.1).")
 
@@ -175,6 +179,36 @@ def _save_resume(recovery: Path, model, optimizer, noise_rng, progress: dict) ->
     atomic_write_json(recovery / "state.json", {**progress, "optimizer": scalars})
 
 
+# settings that may change between an interrupted run and its resumption without changing the result
+_RESUME_FREE_KEYS = ("out_dir", "data_dir", "num_workers", "stop_after_steps")
+
+
+def _run_identity(cfg: TrainConfig, data_fingerprint: str) -> dict:
+    """What a resume state belongs to: the settings that decide the weights, and the data."""
+    args = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE_KEYS}
+    return json.loads(json.dumps({"args": args, "data_fingerprint": data_fingerprint}))
+
+
+def _check_resume_identity(recovery: Path, identity: dict) -> None:
+    """Refuse to resume another run's state (a rerun with changed settings, or on other data)."""
+    meta_path = recovery / "state.json"
+    if not meta_path.is_file():
+        return
+    try:
+        saved = json.loads(meta_path.read_text()).get("run")
+    except json.JSONDecodeError as e:
+        raise UserError(f"resume state {meta_path} is not valid JSON ({e.msg}); delete {recovery} to start over.") from None
+    if saved is None or saved == identity:
+        return
+    if saved.get("data_fingerprint") != identity["data_fingerprint"]:
+        raise UserError(f"resume state {meta_path} belongs to a run on other data (dataset fingerprint changed); "
+                        f"delete {recovery} to start over.")
+    changed = sorted(k for k in set(saved["args"]) | set(identity["args"]) if saved["args"].get(k) != identity["args"].get(k))
+    first = changed[0]
+    raise UserError(f"resume state {meta_path} belongs to a run with other settings ({first}: "
+                    f"{saved['args'].get(first)!r} then, {identity['args'].get(first)!r} now); delete {recovery} to start over.")
+
+
 def _load_resume(recovery: Path, model, optimizer) -> tuple[dict, torch.Tensor | None] | None:
     from safetensors.torch import load_file
 
@@ -239,9 +273,11 @@ def train(cfg: TrainConfig) -> dict:
         pass
     if cfg.stage == "pretrain":
         model = build_model(model_cfg, data.num_classes, data.in_chans)
+    what = f"checkpoint {cfg.init_checkpoint}" if cfg.stage == "finetune" else f"model {model_cfg.get('timm_name')}"
+    check_model_fits_data(model, what, cfg.data_dir, data.num_classes, data.in_chans, data.image_size)
     model.to(device)
 
-    spec = NoiseSpec(**cfg.noise)
+    spec = noise_spec_from_config(cfg.noise)
     handle = None
     if spec.kind != "none":
         handle = inject(model, cfg.site, spec, at_train=cfg.apply_noise_at_train, at_eval=cfg.apply_noise_at_eval, seed=cfg.seed)
@@ -255,6 +291,8 @@ def train(cfg: TrainConfig) -> dict:
 
     rows: list[dict] = []
     start_epoch, start_step = 0, 0
+    run_identity = _run_identity(cfg, data.fingerprint)
+    _check_resume_identity(recovery, run_identity)
     resumed = _load_resume(recovery, model, optimizer)
     if resumed is not None:
         meta, noise_rng = resumed
@@ -307,7 +345,8 @@ def train(cfg: TrainConfig) -> dict:
                     if dist.is_main:
                         partial = {"_partial": True, "_loss_sum": loss_sum, "_correct": correct, "_seen": seen}
                         rng = handle.get_rng_state() if handle else None
-                        _save_resume(recovery, model, optimizer, rng, {"epoch": epoch, "step": step + 1, "rows": rows + [partial]})
+                        _save_resume(recovery, model, optimizer, rng, {"epoch": epoch, "step": step + 1, "rows": rows + [partial],
+                                                                      "run": run_identity})
                         print(f"noisynn: interrupted; resume state saved at epoch {epoch} step {step + 1}", flush=True)
                     raise SystemExit(EXIT_INTERRUPTED)
             row = {
@@ -332,7 +371,7 @@ def train(cfg: TrainConfig) -> dict:
                       f"train {row['train_top1']:.4f} val {row['val_top1_clean']:.4f}", flush=True)
                 atomic_write_text(out / "summary.csv", _summary_csv(rows))
                 rng = handle.get_rng_state() if handle else None
-                _save_resume(recovery, model, optimizer, rng, {"epoch": epoch + 1, "step": 0, "rows": rows})
+                _save_resume(recovery, model, optimizer, rng, {"epoch": epoch + 1, "step": 0, "rows": rows, "run": run_identity})
             dist.barrier()
     finally:
         stop.restore()

@@ -30,13 +30,15 @@ require_root() {
   [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and starts system daemons)"
 }
 
-# Start time of a process in clock ticks since boot; fork sets it and exec keeps it, so together
-# with the PID it names one process even after the PID has been reused.
+# Start time of a live process in clock ticks since boot; fork sets it and exec keeps it, so
+# together with the PID it names one process even after the PID has been reused. A zombie (a
+# killed daemon not yet reaped by PID 1) counts as gone.
 start_time_of() {
   local stat
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
   stat=${stat##*) }                  # drop "pid (comm) ", comm may hold spaces
   set -- $stat
+  [ "$1" != Z ] || return 1
   echo "${20}"
 }
 
@@ -105,7 +107,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 MpiDefault=none
-# Slurm 22.05 insists on /usr/bin/mail otherwise, which the image lacks.
+# The default, /usr/bin/mail, is not installed; slurmctld logs an error for every start without this.
 MailProg=/bin/true
 # No systemd and no cgroup delegation here: track processes by /proc, bind nothing.
 ProctrackType=proctrack/linuxproc
@@ -164,16 +166,20 @@ start() {
   if any_daemon_alive; then
     die "already running (daemons listed in $DAEMONS); run '$0 stop' first"
   fi
-  local name
+  local name pid
   for name in munged slurmctld slurmd; do
-    if pgrep -x "$name" > /dev/null; then
-      die "a $name that this script did not start is running (pid $(pgrep -x "$name" | tr '\n' ' ')); stop it first"
-    fi
+    for pid in $(pgrep -x "$name"); do
+      if start_time_of "$pid" > /dev/null; then
+        die "a $name that this script did not start is running (pid $pid); stop it first"
+      fi
+    done
   done
   local port
-  for port in "${PORTS[@]}"; do
-    if ss -Hltn "sport = :$port" | grep -q .; then die "TCP port $port is already in use"; fi
-  done
+  if command -v ss > /dev/null; then   # iproute2 is not in minimal images; slurmctld would fail anyway
+    for port in "${PORTS[@]}"; do
+      if ss -Hltn "sport = :$port" | grep -q .; then die "TCP port $port is already in use"; fi
+    done
+  fi
 
   local began
   began=$(date +%s.%N)

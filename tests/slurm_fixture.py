@@ -90,24 +90,18 @@ class SlurmCluster:
     def snakemake(
         self, workdir: Path, *args: str, timeout: float = SNAKEMAKE_TIMEOUT_S
     ) -> subprocess.CompletedProcess:
-        """Run Snakemake in `workdir` on this cluster, with the cluster profile and its
-        localhost overlay, and return the finished process (output in .stdout)."""
-        command = [
-            "timeout",
-            "-s",
-            "KILL",
-            str(timeout),
-            sys.executable,
-            "-m",
-            "snakemake",
-        ]
-        command += [
+        """Run Snakemake in `workdir` on this cluster and return the finished process (output
+        in .stdout). The localhost overlay goes in as the workflow profile, which also keeps
+        the repository's profiles/default out of the run."""
+        timeout_kill = ["timeout", "-s", "KILL", str(timeout)]
+        snakemake = [sys.executable, "-m", "snakemake"]
+        profiles = [
             "--profile",
             str(CLUSTER_PROFILE),
-            "--profile",
+            "--workflow-profile",
             str(LOCALHOST_PROFILE),
         ]
-        command += args
+        command = timeout_kill + snakemake + profiles + list(args)
         return subprocess.run(
             command,
             cwd=workdir,

@@ -3,30 +3,32 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
-
-REPO = Path(workflow.basedir).parent
+REPO = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(REPO))
 
-from noisynn.config import check_models_known, validate_config
+from noisynn.config import check_models_known, job_environment, validate_config
 from noisynn.errors import UserError
 from noisynn.grid import Grid
 
 CONFIG_SOURCE = ", ".join(str(p) for p in workflow.configfiles) or "the config"
 try:
     CFG = validate_config(config, CONFIG_SOURCE)
-    check_models_known(CFG, CONFIG_SOURCE, Path(".snakemake/noisynn-known-timm-models.json"))
+    check_models_known(
+        CFG, CONFIG_SOURCE, Path(".snakemake/noisynn-known-timm-models.json")
+    )
 except UserError as error:
-    raise WorkflowError(f"noisynn: error: {error}")
+    # one sentence and exit status 2, before any job: a config mistake is not a workflow bug
+    print(f"noisynn: error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 GRID = Grid(CFG)
 DATASET = CFG["dataset"]["name"]
 DATA = f"results/{DATASET}/data"
 
-# Jobs call the package with the Python that runs Snakemake, unless a conda env provides one.
-_deploy = str(getattr(workflow.deployment_settings, "deployment_method", ""))
-PYTHON = "python" if "CONDA" in _deploy.upper() else shlex.quote(sys.executable)
-NOISYNN = f"PYTHONPATH={shlex.quote(str(REPO))} {PYTHON} -m noisynn"
+# Jobs run `python -m noisynn` with this Python first on PATH (a conda env under --sdm conda
+# goes before it) and the repository on PYTHONPATH.
+job_environment(REPO)
+CONDA_ENV = "../envs/noisynn.yaml"
 
 
 wildcard_constraints:
@@ -47,11 +49,8 @@ def launcher(resources):
     """`python -m noisynn`, or torchrun over the job's GPUs (or CPU processes, with gloo)."""
     procs = int(resources.get("gpu", 0) or 0) or int(resources.get("nproc", 1) or 1)
     if procs > 1:
-        return (
-            f"PYTHONPATH={shlex.quote(str(REPO))} {PYTHON} -m torch.distributed.run "
-            f"--standalone --nproc_per_node={procs} -m noisynn"
-        )
-    return NOISYNN
+        return f"python -m torch.distributed.run --standalone --nproc_per_node={procs} -m noisynn"
+    return "python -m noisynn"
 
 
 def training_args(section):
@@ -66,3 +65,53 @@ def training_args(section):
 
 def model_resources(model, key, default):
     return CFG["models"][model].get("resources", {}).get(key, default)
+
+
+def prepare_args():
+    d = CFG["dataset"]
+    if d["kind"] == "digits":
+        return f"--kind digits --image-size {d['image_size']} --seed {d['split_seed']}"
+    verify = "" if d["verify_images"] else " --no-verify-images"
+    return (
+        f"--kind imagefolder --root {q(d['root'])} --train-dir {q(d['train_dir'])} "
+        f"--val-dir {q(d['val_dir'])} --name {q(d['name'])} --image-size {d['image_size']} "
+        f"--hash-mode {d['hash_mode']} --on-bad-image {d['on_bad_image']}{verify}"
+    )
+
+
+def pretrain_model_json(wildcards):
+    m = CFG["models"][wildcards.model]
+    keep = ("timm_name", "kwargs", "pretrained", "augment", "image_size")
+    return q({k: m[k] for k in keep if m.get(k) is not None})
+
+
+def pretrain_epochs(wildcards):
+    # skip_pretrain: the pretrained weights themselves are the starting point (the released recipe)
+    return (
+        0
+        if CFG["models"][wildcards.model]["skip_pretrain"]
+        else CFG["pretrain"]["epochs"]
+    )
+
+
+def noise_json(wildcards):
+    return q(GRID.noises.get(wildcards.noise, {"kind": "none"}))
+
+
+def site_arg(wildcards):
+    return "" if wildcards.site == "none" else f"--site {q(wildcards.site)}"
+
+
+def evaluation_checkpoint(wildcards):
+    e = GRID.lookup(
+        wildcards.model,
+        wildcards.noise,
+        wildcards.apply,
+        wildcards.site,
+        wildcards.seed,
+    )
+    return GRID.checkpoint(e)
+
+
+def evaluate_resource(key, default):
+    return CFG["evaluate"]["resources"].get(key, default)

@@ -1,11 +1,3 @@
-def finetune_noise(wildcards):
-    return q(GRID.noises.get(wildcards.noise, {"kind": "none"}))
-
-
-def finetune_site(wildcards):
-    return "" if wildcards.site == "none" else f"--site {q(wildcards.site)}"
-
-
 rule finetune:
     input:
         data=rules.prepare_data.output.data,
@@ -13,20 +5,28 @@ rule finetune:
     output:
         weights=f"results/{DATASET}/{{model}}/finetune/noise~{{noise}}/site~{{site}}/seed~{{seed}}/model.safetensors",
         sidecar=f"results/{DATASET}/{{model}}/finetune/noise~{{noise}}/site~{{site}}/seed~{{seed}}/model.json",
-    params:
-        noise=finetune_noise,
-        site=finetune_site,
-        args=training_args("finetune"),
-        launch=lambda wildcards, resources: launcher(resources),
-    resources:
-        gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
-        nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),
-        mem_mb=lambda wildcards, attempt: model_resources(wildcards.model, "mem_mb", 4000) * attempt,
-        runtime=lambda wildcards, attempt: model_resources(wildcards.model, "runtime", 60) * attempt,
     log:
         f"logs/finetune/{DATASET}/{{model}}/noise~{{noise}}_site~{{site}}_seed~{{seed}}.log",
     benchmark:
         f"logs/finetune/{DATASET}/{{model}}/noise~{{noise}}_site~{{site}}_seed~{{seed}}.benchmark.tsv"
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
+        nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),
+        mem_mb=lambda wildcards, attempt: model_resources(
+            wildcards.model, "mem_mb", 4000
+        )
+        * attempt,
+        runtime=lambda wildcards, attempt: model_resources(
+            wildcards.model, "runtime", 60
+        )
+        * attempt,
+    params:
+        noise=noise_json,
+        site=site_arg,
+        args=training_args("finetune"),
+        launch=lambda wildcards, resources: launcher(resources),
     shell:
         "{params.launch} finetune --data {input.data} --init {input.init} "
         "--out $(dirname {output.weights}) --noise {params.noise} {params.site} "

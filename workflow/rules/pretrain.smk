@@ -1,35 +1,32 @@
-def pretrain_model_json(wildcards):
-    m = CFG["models"][wildcards.model]
-    keep = ("timm_name", "kwargs", "pretrained", "augment")
-    return q({k: m[k] for k in keep if k in m})
-
-
-def pretrain_epochs(wildcards):
-    # skip_pretrain: the pretrained weights themselves are the starting point (the released recipe)
-    return 0 if CFG["models"][wildcards.model]["skip_pretrain"] else CFG["pretrain"]["epochs"]
-
-
 rule pretrain:
     input:
         data=rules.prepare_data.output.data,
     output:
         weights=f"results/{DATASET}/{{model}}/pretrain/model.safetensors",
         sidecar=f"results/{DATASET}/{{model}}/pretrain/model.json",
+    log:
+        f"logs/pretrain/{DATASET}/{{model}}.log",
+    benchmark:
+        f"logs/pretrain/{DATASET}/{{model}}.benchmark.tsv"
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
+        nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),
+        mem_mb=lambda wildcards, attempt: model_resources(
+            wildcards.model, "mem_mb", 4000
+        )
+        * attempt,
+        runtime=lambda wildcards, attempt: model_resources(
+            wildcards.model, "runtime", 60
+        )
+        * attempt,
     params:
         model=pretrain_model_json,
         args=training_args("pretrain"),
         epochs=pretrain_epochs,
         seed=CFG["pretrain"]["seed"],
         launch=lambda wildcards, resources: launcher(resources),
-    resources:
-        gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
-        nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),
-        mem_mb=lambda wildcards, attempt: model_resources(wildcards.model, "mem_mb", 4000) * attempt,
-        runtime=lambda wildcards, attempt: model_resources(wildcards.model, "runtime", 60) * attempt,
-    log:
-        f"logs/pretrain/{DATASET}/{{model}}.log",
-    benchmark:
-        f"logs/pretrain/{DATASET}/{{model}}.benchmark.tsv"
     shell:
         "{params.launch} pretrain --data {input.data} --out $(dirname {output.weights}) "
         "--model {params.model} {params.args} --epochs {params.epochs} --seed {params.seed} "

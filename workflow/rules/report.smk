@@ -10,8 +10,10 @@ rule aggregate:
         table=f"{OUT}/evaluations.csv",
     log:
         f"logs/aggregate/{DATASET}.log",
+    conda:
+        CONDA_ENV
     shell:
-        "{NOISYNN} aggregate --out {output.table} {input.evaluations} > {log} 2>&1"
+        "python -m noisynn aggregate --out {output.table} {input.evaluations} > {log} 2>&1"
 
 
 rule figures:
@@ -51,6 +53,11 @@ rule figures:
         metrics=f"{OUT}/metrics.json",
     log:
         f"logs/figures/{DATASET}.log",
+    conda:
+        CONDA_ENV
+    params:
+        out_dir=lambda wildcards, output: str(Path(output.metrics).parent),
+        dataset=DATASET,
     shell:
-        "{NOISYNN} figures --evaluations {input.table} --paper {input.paper} "
-        "--out-dir {OUT} --dataset {DATASET} > {log} 2>&1"
+        "python -m noisynn figures --evaluations {input.table} --paper {input.paper} "
+        "--out-dir {params.out_dir} --dataset {params.dataset} > {log} 2>&1"

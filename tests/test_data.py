@@ -1,0 +1,292 @@
+"""Tests of noisynn/data.py: test orders, the released metric, digits splits and ImageFolder datasets.
+
+What a user relies on: each evaluation order is what its name says (PAPER.md §6: class-pure
+against class-mixed batches, the released class-sorted order, a seeded shuffle) and covers every
+test image exactly once; the released metric is the running-accuracy mean the released code
+reports; a prepared dataset is the same dataset every time; and a broken ImageFolder is reported
+as one sentence naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import write_image_folder
+from noisynn.data import ORDERS, load_dataset, prepare_digits, prepare_image_folder, released_metric
+from noisynn.data import test_batches as order_batches  # aliased: pytest would collect a test_* name
+from noisynn.errors import UserError
+
+BALANCED = np.repeat(np.arange(10), 7)  # 10 classes × 7 samples, interleaved below
+UNBALANCED = np.repeat(np.arange(5), [23, 9, 4, 1, 13])
+
+
+def _interleave(labels: np.ndarray, seed: int = 3) -> np.ndarray:
+    """The same labels in a scrambled order, so that no order is right by accident of the input."""
+    return labels[np.random.default_rng(seed).permutation(len(labels))]
+
+
+def _repeats(labels: np.ndarray, batches) -> int:
+    """Samples whose label already occurred earlier in the same batch."""
+    return sum(len(b) - len(set(labels[b].tolist())) for b in batches)
+
+
+def _min_repeats(counts: list[int], batch_size: int) -> int:
+    """The fewest repeats any split into full batches of ``batch_size`` (the last one smaller) can have.
+
+    Repeats = N - Σ_batches (distinct labels). Placing each class at most once per batch is a flow
+    from classes (supply n_c) to batches (capacity s_j), one unit per class–batch pair; by max-flow
+    = min-cut, the most distinct placements are min over t of (the t smallest capacities +
+    Σ_c min(n_c, B - t)). With t = 0 this is the simple bound Σ_c max(0, n_c - B).
+    """
+    n = sum(counts)
+    num_batches = -(-n // batch_size)
+    sizes = sorted([batch_size] * (num_batches - 1) + [n - batch_size * (num_batches - 1)])
+    best = min(sum(sizes[:t]) + sum(min(c, num_batches - t) for c in counts) for t in range(num_batches + 1))
+    return n - best
+
+
+# --- test orders -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("batch_size", [1, 3, 10, 64])
+@pytest.mark.parametrize("labels", [_interleave(BALANCED), _interleave(UNBALANCED)], ids=["balanced", "unbalanced"])
+def test_every_order_covers_each_index_exactly_once(order, batch_size, labels):
+    batches = order_batches(labels, order, batch_size, seed=0)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(labels)))
+    assert all(1 <= len(b) <= batch_size for b in batches)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 10, 64])
+def test_class_pure_batches_hold_one_label(batch_size):
+    labels = _interleave(UNBALANCED)
+    for b in order_batches(labels, "class_pure", batch_size):
+        assert len(set(labels[b].tolist())) == 1
+
+
+def test_class_pure_uses_full_batches_within_a_class():
+    labels = _interleave(UNBALANCED)
+    batches = order_batches(labels, "class_pure", 10)
+    # per class: ceil(n_c / 10) batches, so a class of 23 gives 10, 10, 3
+    assert len(batches) == sum(-(-n // 10) for n in (23, 9, 4, 1, 13))
+
+
+def test_class_mixed_with_balanced_classes_repeats_no_label():
+    labels = _interleave(BALANCED)
+    batches = order_batches(labels, "class_mixed", 10)
+    assert len(batches) == 7
+    for b in batches:
+        assert sorted(labels[b].tolist()) == list(range(10))
+
+
+def test_class_mixed_with_unbalanced_classes_repeats_as_little_as_possible():
+    labels = _interleave(UNBALANCED)
+    batches = order_batches(labels, "class_mixed", 10)
+    # 50 samples → 5 batches, so a class sits in at most 5 of them: class 0 (23 samples) repeats
+    # at least 23 - 5 = 18 times, class 1 (9) 4 times, class 4 (13) 8 times: 30 repeats at the least
+    assert _min_repeats([23, 9, 4, 1, 13], 10) == 18 + 4 + 8
+    assert _repeats(labels, batches) == 30
+    assert [len(b) for b in batches] == [10] * 5
+
+
+def test_class_mixed_keeps_room_for_the_large_class():
+    # 4 samples of class 1, 2 of class 0, batch size 4 → batches of 4 and 2. Best: {1, 1, 1, 0}
+    # and {1, 0}, 2 repeats; filling the first batch round-robin ({1, 0, 1, 0}) leaves {1, 1}: 3.
+    labels = np.array([1, 1, 1, 1, 0, 0])
+    batches = order_batches(labels, "class_mixed", 4)
+    assert [len(b) for b in batches] == [4, 2]
+    assert _repeats(labels, batches) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.lists(st.integers(min_value=1, max_value=30), min_size=1, max_size=12),
+    batch_size=st.integers(min_value=1, max_value=16),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_class_mixed_is_optimal_for_any_class_counts(counts, batch_size, seed):
+    labels = _interleave(np.repeat(np.arange(len(counts)), counts), seed)
+    batches = order_batches(labels, "class_mixed", batch_size)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(labels)))
+    # same batch size as the other protocols: all batches full but the last
+    assert all(len(b) == batch_size for b in batches[:-1])
+    assert _repeats(labels, batches) == _min_repeats(counts, batch_size)
+
+
+def test_class_sorted_is_sorted_by_label():
+    labels = _interleave(UNBALANCED)
+    flat = np.concatenate(order_batches(labels, "class_sorted", 10))
+    assert np.all(np.diff(labels[flat]) >= 0)
+    # batches straddle classes as the released SequentialSampler does: 50 samples → 5 batches
+    assert len(order_batches(labels, "class_sorted", 10)) == 5
+
+
+def test_shuffled_is_a_seeded_permutation():
+    labels = _interleave(BALANCED)
+    first = np.concatenate(order_batches(labels, "shuffled", 10, seed=5))
+    again = np.concatenate(order_batches(labels, "shuffled", 10, seed=5))
+    other = np.concatenate(order_batches(labels, "shuffled", 10, seed=6))
+    assert sorted(first.tolist()) == list(range(len(labels)))
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert not np.array_equal(first, np.arange(len(labels)))
+
+
+def test_bad_order_or_batch_size_is_a_user_error():
+    with pytest.raises(UserError, match="order"):
+        order_batches(BALANCED, "sorted", 10)
+    with pytest.raises(UserError, match="batch size"):
+        order_batches(BALANCED, "shuffled", 0)
+
+
+# --- the released metric -----------------------------------------------------------------------
+
+
+def test_released_metric_is_the_mean_of_running_accuracies():
+    correct = [3, 1, 2]
+    sizes = [4, 4, 2]
+    # running accuracy after each batch: 3/4 = 0.75, (3+1)/(4+4) = 0.5, (3+1+2)/(4+4+2) = 0.6
+    expected = (0.75 + 0.5 + 0.6) / 3  # = 0.61666…
+    plain = (3 + 1 + 2) / (4 + 4 + 2)  # = 0.6
+    assert released_metric(correct, sizes) == pytest.approx(expected, abs=1e-12)
+    assert released_metric(correct, sizes) != pytest.approx(plain, abs=1e-6)
+
+
+def test_released_metric_rewards_early_correct_batches():
+    # the same 10 correct out of 20, first in one order, then in the other: the plain accuracy is
+    # 0.5 both times, the released metric is not: (1 + 0.5) / 2 = 0.75 against (0 + 0.5) / 2 = 0.25
+    assert released_metric([10, 0], [10, 10]) == pytest.approx(0.75)
+    assert released_metric([0, 10], [10, 10]) == pytest.approx(0.25)
+
+
+def test_released_metric_refuses_mismatched_inputs():
+    with pytest.raises(ValueError):
+        released_metric([1, 2], [10])
+    with pytest.raises(ValueError):
+        released_metric([], [])
+
+
+# --- digits ------------------------------------------------------------------------------------
+
+
+def test_prepare_digits_is_deterministic_and_seeded(tmp_path):
+    a = prepare_digits(tmp_path / "a", image_size=8, seed=0)
+    b = prepare_digits(tmp_path / "b", image_size=8, seed=0)
+    c = prepare_digits(tmp_path / "c", image_size=8, seed=1)
+    assert a["fingerprint"] == b["fingerprint"]
+    assert (tmp_path / "a" / "digits.npz").read_bytes() == (tmp_path / "b" / "digits.npz").read_bytes()
+    assert c["fingerprint"] != a["fingerprint"]
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["fingerprint"] == a["fingerprint"]
+
+
+def test_digits_splits_are_stratified_and_disjoint(digits_dir):
+    with np.load(digits_dir / "digits.npz") as z:
+        labels, parts = z["labels"], {s: z[s] for s in ("train", "val", "test")}
+    everything = np.concatenate(list(parts.values()))
+    assert len(everything) == len(set(everything.tolist())) == len(labels)  # disjoint and complete
+    overall = np.bincount(labels, minlength=10) / len(labels)
+    for split, idx in parts.items():
+        share = np.bincount(labels[idx], minlength=10) / len(idx)
+        assert np.all(share > 0), f"{split} lacks a class"
+        assert np.abs(share - overall).max() < 0.02, f"{split} is not stratified"
+
+
+def test_loaded_digits_match_the_manifest(digits_dir):
+    data = load_dataset(digits_dir)
+    manifest = json.loads((digits_dir / "manifest.json").read_text())
+    assert data.fingerprint == manifest["fingerprint"]
+    assert (data.num_classes, data.in_chans, data.image_size) == (10, 1, 16)
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    x, y = next(data.test.batches([np.arange(5)]))
+    assert tuple(x.shape) == (5, 1, 16, 16)
+    assert y.tolist() == data.test.labels[:5].tolist()
+    # normalized with the training split's statistics
+    assert abs(float(data.train.images.mean())) < 1e-3
+    assert abs(float(data.train.images.std()) - 1) < 1e-2
+
+
+# --- image folders -----------------------------------------------------------------------------
+
+
+def test_image_folder_prepares_and_loads(image_folder, tmp_path):
+    manifest = prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
+    assert manifest["classes"] == ["cat", "dog", "emu"]
+    assert manifest["counts"] == {"train": 9, "val": 6}
+    assert manifest["class_counts"]["train"] == [4, 3, 2]
+    data = load_dataset(tmp_path / "prepared", train_augment=False)
+    assert (data.num_classes, data.in_chans, data.image_size) == (3, 3, 8)
+    assert data.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    x, y = next(data.test.batches([np.array([0, 3, 5])], num_workers=0))
+    assert tuple(x.shape) == (3, 3, 8, 8)
+    assert y.tolist() == [0, 1, 2]
+
+
+def test_image_folder_fingerprint_follows_the_content(image_folder, tmp_path):
+    first = prepare_image_folder(tmp_path / "p1", image_folder, image_size=8)
+    again = prepare_image_folder(tmp_path / "p2", image_folder, image_size=8)
+    assert first["fingerprint"] == again["fingerprint"]
+    write_image_folder(image_folder / "val", {"cat": 1}, seed=9)  # overwrites val/cat/0.png
+    changed = prepare_image_folder(tmp_path / "p3", image_folder, image_size=8)
+    assert changed["fingerprint"] != first["fingerprint"]
+
+
+def test_missing_image_folder_is_named(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "nowhere" / "train")):
+        prepare_image_folder(tmp_path / "out", tmp_path / "nowhere")
+
+
+def test_missing_val_folder_is_named(image_folder, tmp_path):
+    with pytest.raises(UserError, match=str(image_folder / "validation")):
+        prepare_image_folder(tmp_path / "out", image_folder, val_dir="validation")
+
+
+def test_empty_class_folder_is_named(image_folder, tmp_path):
+    (image_folder / "train" / "fox").mkdir()
+    (image_folder / "train" / "fox" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=str(image_folder / "train" / "fox")):
+        prepare_image_folder(tmp_path / "out", image_folder)
+
+
+def test_corrupt_image_is_named(image_folder, tmp_path):
+    bad = image_folder / "val" / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a png")
+    with pytest.raises(UserError, match=str(bad)):
+        prepare_image_folder(tmp_path / "out", image_folder)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_truncated_image_is_named(image_folder, tmp_path):
+    victim = image_folder / "train" / "cat" / "1.png"
+    victim.write_bytes(victim.read_bytes()[:60])
+    with pytest.raises(UserError, match=str(victim)):
+        prepare_image_folder(tmp_path / "out", image_folder)
+
+
+def test_corrupt_image_is_skipped_and_counted_on_request(image_folder, tmp_path):
+    bad = image_folder / "val" / "dog" / "broken.png"
+    bad.write_bytes(b"garbage")
+    manifest = prepare_image_folder(tmp_path / "out", image_folder, image_size=8, on_bad_image="skip")
+    assert manifest["skipped_unreadable"] == {"train": [], "val": ["val/dog/broken.png"]}
+    assert manifest["counts"]["val"] == 6
+    data = load_dataset(tmp_path / "out", train_augment=False)
+    assert len(data.test) == 6
+    loaded = [x for x, _ in data.test.batches([np.arange(6)], num_workers=0)]
+    assert tuple(loaded[0].shape) == (6, 3, 8, 8)
+
+
+def test_different_class_folders_are_named(image_folder, tmp_path):
+    write_image_folder(image_folder / "val", {"yak": 1})
+    with pytest.raises(UserError, match="yak"):
+        prepare_image_folder(tmp_path / "out", image_folder)
+
+
+def test_missing_manifest_is_named(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "manifest.json")):
+        load_dataset(tmp_path)
+

@@ -1,0 +1,458 @@
+"""Tests of noisynn/inject.py: a noise hooked into a timm ViT or ResNet at a named site.
+
+What a user relies on: the noise acts only where and when it was asked for (the site, the
+train/eval mode, ``enabled``), everything before the site is untouched, ``remove()`` gives the
+model back bit for bit, batch-axis Q* at batch size 1 is the plain model, and the two-halves
+evaluation (``forward_prefix`` + ``forward_suffix``) is the same forward pass, noise included once.
+Small randomly initialised timm models keep this fast; the deep standard configurations are built
+on the meta device, where only the module structure (and the order of the forward pass) exists.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import noisynn.inject as inject_module
+from noisynn.errors import UserError
+from noisynn.inject import (
+    cache_point,
+    forward_prefix,
+    forward_suffix,
+    inject,
+    model_family,
+    num_prefix_tokens_at,
+    valid_sites,
+)
+from noisynn.noise import NoiseSpec, apply_noise, linear_transform
+
+OPTIMAL_BATCH = NoiseSpec("linear-optimal", axis="batch")
+GAUSSIAN = NoiseSpec("gaussian", strength=0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: extra intra-op threads only add synchronisation, which stalls
+    badly on a busy 2-core machine. Restored afterwards for the rest of the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _small_vit() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # fixed weights, without touching the global stream
+        torch.manual_seed(0)
+        return _build_small_vit()
+
+
+def _build_small_vit() -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        num_classes=10,
+        in_chans=1,
+    ).eval()
+
+
+def _small_resnet() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _build_small_resnet()
+
+
+def _build_small_resnet() -> nn.Module:
+    model = timm.create_model(
+        "resnet18",
+        pretrained=False,
+        layers=(1, 1, 1, 1),
+        channels=(8, 16, 32, 64),
+        stem_width=8,
+        num_classes=10,
+        in_chans=1,
+        # timm zeroes the last BN of each residual branch by default; with it, a noise at a
+        # block's input would reach the output through the shortcut only
+        zero_init_last=False,
+    )
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            # train-mode forwards must not move the running statistics that eval mode uses
+            m.momentum = 0.0
+    return model.eval()
+
+
+MODELS = {"vit": _small_vit, "resnet": _small_resnet}
+
+
+def _images(batch: int = 4, seed: int = 1) -> torch.Tensor:
+    """Inputs for the small ViT, built for 16 px."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 16, 16, generator=g)
+
+
+def _images_for(family: str, batch: int = 4, seed: int = 1) -> torch.Tensor:
+    if family == "vit":
+        return _images(batch, seed)
+    # 32 px leaves the small ResNet a 1×1 map in stage 4
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 32, 32, generator=g)
+
+
+def _module_at(model: nn.Module, site: str) -> nn.Module:
+    return model if site == "image" else model.get_submodule(site)
+
+
+# (family, site, an earlier module whose output must not change, or None for the image site)
+SITES = [
+    ("vit", "image", None),
+    ("vit", "blocks.1", "blocks.0"),
+    ("vit", "blocks.1.attn", "blocks.0"),
+    ("vit", "blocks.2", "blocks.1"),
+    ("resnet", "image", None),
+    ("resnet", "layer3.0", "layer2"),
+    ("resnet", "layer2.0", "layer1"),
+    ("resnet", "layer4.0", "layer3"),
+]
+
+
+def _run(model: nn.Module, x: torch.Tensor, train: bool, earlier: str | None = None):
+    """Logits (and the earlier module's output) in the given mode, without autograd."""
+    model.train(train)
+    captured = {}
+    handle = None
+    if earlier is not None:
+        handle = model.get_submodule(earlier).register_forward_hook(
+            lambda m, a, out: captured.__setitem__("h", out.detach().clone())
+        )
+    try:
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        if handle is not None:
+            handle.remove()
+        model.eval()
+    return y, captured.get("h")
+
+
+# --- where and when the noise acts -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [GAUSSIAN, OPTIMAL_BATCH], ids=["gaussian", "linear-optimal"])
+@pytest.mark.parametrize("family, site, earlier", SITES)
+@pytest.mark.parametrize("at_train, at_eval", [(True, False), (False, True)])
+def test_noise_changes_the_output_only_in_the_enabled_mode(family, site, earlier, spec, at_train, at_eval):
+    model = MODELS[family]()
+    x = _images_for(family)
+    clean = {mode: _run(model, x, mode, earlier) for mode in (False, True)}
+
+    injection = inject(model, site, spec, at_train=at_train, at_eval=at_eval, seed=3)
+    for train_mode, should_change in ((True, at_train), (False, at_eval)):
+        y, h = _run(model, x, train_mode, earlier)
+        y_clean, h_clean = clean[train_mode]
+        if should_change:
+            assert not torch.allclose(y, y_clean), f"noise had no effect in {'train' if train_mode else 'eval'} mode"
+        else:
+            assert torch.equal(y, y_clean), f"noise acted in {'train' if train_mode else 'eval'} mode"
+        if earlier is not None:
+            # the forward pass before the site is bit-identical, noise or not
+            assert torch.equal(h, h_clean)
+
+    injection.remove()
+    for train_mode in (False, True):
+        assert torch.equal(_run(model, x, train_mode)[0], clean[train_mode][0])
+
+
+@pytest.mark.parametrize("family, site, earlier", SITES)
+def test_disabled_injection_gives_the_clean_output_and_reenabling_restores_the_noise(family, site, earlier):
+    model = MODELS[family]()
+    x = _images_for(family)
+    clean = _run(model, x, False)[0]
+    injection = inject(model, site, GAUSSIAN, seed=5)
+    noisy = _run(model, x, False)[0]
+    injection.enabled = False
+    assert torch.equal(_run(model, x, False)[0], clean)
+    injection.enabled = True
+    injection.reseed(5)
+    assert torch.equal(_run(model, x, False)[0], noisy)
+    injection.remove()
+
+
+@pytest.mark.parametrize("family, site, earlier", SITES)
+def test_remove_restores_the_model_bit_for_bit(family, site, earlier):
+    model = MODELS[family]()
+    x = _images_for(family)
+    clean = _run(model, x, False)[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with inject(model, site, OPTIMAL_BATCH):
+        assert not torch.allclose(_run(model, x, False)[0], clean)
+    assert torch.equal(_run(model, x, False)[0], clean)
+    # no hook is left behind and no parameter or buffer changed
+    assert not _module_at(model, site)._forward_pre_hooks
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family, site, earlier", SITES)
+def test_batch_axis_optimal_q_at_batch_size_one_is_the_clean_model(family, site, earlier):
+    model = MODELS[family]()
+    x = _images_for(family, batch=1)
+    clean = _run(model, x, False)[0]
+    with inject(model, site, OPTIMAL_BATCH):
+        assert torch.equal(_run(model, x, False)[0], clean)
+
+
+def test_batch_axis_optimal_q_makes_a_prediction_depend_on_the_other_images():
+    """The leak PAPER.md §6 is about: image 0's logits change when image 1 is swapped out."""
+    model = _small_vit()
+    x = _images(4, seed=1)
+    y = x.clone()
+    y[1] = _images(1, seed=2)[0]
+    with inject(model, "blocks.2.attn", OPTIMAL_BATCH):
+        out_x, out_y = _run(model, x, False)[0], _run(model, y, False)[0]
+    assert not torch.allclose(out_x[0], out_y[0])
+    # without the noise, each image is classified on its own
+    clean_x, clean_y = _run(model, x, False)[0], _run(model, y, False)[0]
+    torch.testing.assert_close(clean_x[0], clean_y[0])
+
+
+@pytest.mark.parametrize(
+    "family, site, prefix",
+    [("vit", "blocks.1", 1), ("vit", "blocks.1.attn", 1), ("vit", "image", 0), ("resnet", "layer3.0", 0)],
+)
+def test_the_site_receives_the_noised_tensor_with_the_cls_token_untouched(family, site, prefix):
+    """What reaches the module at the site is the noise applied to its clean input, CLS kept."""
+    model = MODELS[family]()
+    x = _images_for(family)
+    seen = []
+
+    def capture(module, args):
+        seen.append(args[0].detach().clone())
+
+    module = _module_at(model, site)
+    handle = module.register_forward_pre_hook(capture)
+    _run(model, x, False)
+    handle.remove()
+    clean_input = seen.pop()
+
+    with inject(model, site, OPTIMAL_BATCH):
+        assert num_prefix_tokens_at(model, site) == prefix
+        # registered after the noise hook, so it sees what the module itself receives
+        handle = module.register_forward_pre_hook(capture)
+        _run(model, x, False)
+        handle.remove()
+    noisy_input = seen.pop()
+    expected = linear_transform(clean_input, "optimal", "batch", num_prefix_tokens=prefix)
+    torch.testing.assert_close(noisy_input, expected, rtol=0, atol=0)
+    if prefix:
+        assert torch.equal(noisy_input[:, :prefix], clean_input[:, :prefix])
+        assert not torch.allclose(noisy_input[:, prefix:], clean_input[:, prefix:])
+
+
+def test_attn_site_noises_the_attention_input_not_the_residual_stream():
+    """Released ViT code: the noise enters LN(x) → attention only; the residual x stays clean."""
+    model = _small_vit()
+    x = _images()
+    block = model.blocks[1]
+    # the block output with noise at the attention input must equal x + attn(noise(LN(x))) + mlp(...)
+    inputs = []
+    h = block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    with inject(model, "blocks.1.attn", OPTIMAL_BATCH):
+        outputs = []
+        h2 = block.register_forward_hook(lambda m, a, o: outputs.append(o.detach().clone()))
+        _run(model, x, False)
+        h2.remove()
+    h.remove()
+    xin = inputs[-1]
+    with torch.no_grad():
+        a = block.attn(linear_transform(block.norm1(xin), "optimal", "batch", num_prefix_tokens=1))
+        mid = xin + block.ls1(a)
+        expected = mid + block.ls2(block.mlp(block.norm2(mid)))
+    torch.testing.assert_close(outputs[-1], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_random_noise_is_reproducible_by_seed_and_fresh_for_each_batch():
+    model = _small_vit()
+    x = _images()
+    injection = inject(model, "blocks.1", GAUSSIAN, seed=7)
+    first = _run(model, x, False)[0]
+    second = _run(model, x, False)[0]
+    assert not torch.equal(first, second)  # the stream advances: each batch gets new noise
+    injection.reseed(7)
+    assert torch.equal(_run(model, x, False)[0], first)
+    state = injection.get_rng_state()
+    third = _run(model, x, False)[0]
+    injection.set_rng_state(state)
+    assert torch.equal(_run(model, x, False)[0], third)  # a resumed evaluation continues the same stream
+    injection.reseed(8)
+    assert not torch.equal(_run(model, x, False)[0], first)
+    injection.remove()
+
+    # a new injection with the same seed on a fresh model gives the same noisy outputs
+    other = _small_vit()
+    with inject(other, "blocks.1", GAUSSIAN, seed=7):
+        assert torch.equal(_run(other, x, False)[0], first)
+
+
+def test_none_noise_leaves_the_model_clean():
+    model = _small_resnet()
+    x = _images_for("resnet")
+    clean = _run(model, x, False)[0]
+    with inject(model, "layer3.0", NoiseSpec("none")):
+        assert torch.equal(_run(model, x, False)[0], clean)
+
+
+# --- the model in two halves -----------------------------------------------------------------
+
+
+def _all_sites():
+    return [(family, site) for family, build in MODELS.items() for site in valid_sites(build())]
+
+
+@pytest.fixture
+def count_noise(monkeypatch):
+    calls = []
+
+    def counting(spec, x, generator=None, num_prefix_tokens=0):
+        calls.append(tuple(x.shape))
+        return apply_noise(spec, x, generator, num_prefix_tokens)
+
+    monkeypatch.setattr(inject_module, "apply_noise", counting)
+    return calls
+
+
+@pytest.mark.parametrize("spec", [OPTIMAL_BATCH, GAUSSIAN], ids=["linear-optimal", "gaussian"])
+@pytest.mark.parametrize("family, site", _all_sites())
+def test_prefix_then_suffix_reproduces_the_full_forward_pass(family, site, spec, count_noise):
+    model = MODELS[family]()
+    x = _images_for(family)
+    injection = inject(model, site, spec, seed=11)
+
+    injection.reseed(11)
+    with torch.no_grad():
+        full = model(x)
+    assert len(count_noise) == 1, "the noise hook must fire exactly once per forward"
+
+    injection.reseed(11)
+    hidden = forward_prefix(model, site, x)
+    assert len(count_noise) == 1, "the cached prefix must be computed without the noise"
+    with torch.no_grad():
+        split = forward_suffix(model, site, hidden)
+    assert len(count_noise) == 2, "the noise hook must fire exactly once in the suffix"
+
+    torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(split.argmax(dim=1), full.argmax(dim=1))
+
+    # the cached prefix is the clean input of the cache point, reusable across noise settings
+    injection.remove()
+    clean_hidden = forward_prefix(model, site, x)
+    assert torch.equal(hidden, clean_hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_suffix(model, site, clean_hidden), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_point_is_the_block_that_holds_the_site():
+    model = _small_vit()
+    assert cache_point(model, "blocks.2.attn") == "blocks.2"
+    assert cache_point(model, "blocks.2") == "blocks.2"
+    assert cache_point(model, "image") == "image"
+    resnet = _small_resnet()
+    assert cache_point(resnet, "layer4.0") == "layer4.0"
+
+
+# --- the sites of the standard, deeper configurations ----------------------------------------
+
+
+def _meta_model(name: str) -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False).eval()
+
+
+@pytest.mark.parametrize(
+    "name, family, expected_blocks",
+    [
+        ("resnet50", "resnet", {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}),
+        ("resnet34", "resnet", {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}),
+        ("vit_base_patch16_224", "vit", {"blocks": 12}),
+        ("vit_large_patch16_224", "vit", {"blocks": 24}),
+    ],
+)
+def test_valid_sites_cover_a_standard_deep_model_in_forward_order(name, family, expected_blocks):
+    model = _meta_model(name)
+    assert model_family(model) == family
+    sites = valid_sites(model)
+    if family == "vit":
+        depth = expected_blocks["blocks"]
+        expected = ["image"] + [s for i in range(depth) for s in (f"blocks.{i}", f"blocks.{i}.attn")]
+        # the released default (--layer 11) is the last block of ViT-B and a middle one of ViT-L
+        assert "blocks.11.attn" in sites
+    else:
+        expected = ["image"] + [f"{stage}.{b}" for stage, n in expected_blocks.items() for b in range(n)]
+        # the released ResNet script's stage 4, sub-block 3 (1-based)
+        assert "layer4.2" in sites
+    assert sites == expected
+
+    # each site is reached exactly once by a forward pass, in the listed order (meta: no compute)
+    order = []
+    handles = [_module_at(model, s).register_forward_pre_hook(lambda m, a, s=s: order.append(s)) for s in sites]
+    with torch.device("meta"):
+        out = model(torch.empty(2, 3, 224, 224))
+    for h in handles:
+        h.remove()
+    assert order == sites
+    assert tuple(out.shape) == (2, 1000)
+
+    # an injection can be placed at the deepest site and removed again
+    site = sites[-1]
+    with inject(model, site, OPTIMAL_BATCH):
+        assert len(_module_at(model, site)._forward_pre_hooks) == 1
+    assert not _module_at(model, site)._forward_pre_hooks
+
+
+# --- user errors -----------------------------------------------------------------------------
+
+
+def _assert_user_error(excinfo, *fragments: str) -> None:
+    msg = str(excinfo.value)
+    assert isinstance(excinfo.value, ValueError)
+    assert "\n" not in msg and msg.strip().endswith(".")
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize(
+    "family, bad",
+    [("vit", "blocks.3"), ("vit", "blocks.0.mlp"), ("resnet", "layer4.1"), ("resnet", "layer5.0"), ("resnet", "fc")],
+)
+def test_unknown_site_is_a_user_error_listing_the_valid_sites(family, bad):
+    model = MODELS[family]()
+    with pytest.raises(UserError) as e:
+        inject(model, bad, OPTIMAL_BATCH)
+    _assert_user_error(e, "site", repr(bad), *valid_sites(model))
+    for fn in (cache_point, lambda m, s: forward_prefix(m, s, _images_for(family))):
+        with pytest.raises(UserError):
+            fn(model, bad)
+    # nothing was hooked on the way to the error
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_unsupported_model_is_a_user_error():
+    with pytest.raises(UserError) as e:
+        inject(nn.Sequential(nn.Linear(3, 3)), "image", OPTIMAL_BATCH)
+    _assert_user_error(e, "ViT", "ResNet", "Sequential")
+
+
+def test_rows_axis_on_a_non_square_grid_fails_at_the_site_as_a_user_error():
+    """vit_tiny at 16 px has a 4×4 grid; with the CLS token counted it would not be square."""
+    model = _small_vit()
+    with inject(model, "blocks.0", NoiseSpec("linear-optimal", axis="rows", skip_prefix_tokens=False)):
+        with pytest.raises(UserError) as e:
+            _run(model, _images(), False)
+    _assert_user_error(e, "rows", "square", "num_prefix_tokens")
+    with inject(model, "blocks.0", NoiseSpec("linear-optimal", axis="rows")):
+        _run(model, _images(), False)  # counted correctly, the 4×4 grid is found

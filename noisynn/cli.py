@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -198,6 +200,9 @@ def _sites(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("SLURM_JOB_ID") and args.command in ("pretrain", "finetune", "evaluate"):
+        # the job's log then names the scheduler job that ran it
+        print(f"noisynn: {args.command} running as SLURM job {os.environ['SLURM_JOB_ID']} on {socket.gethostname()}", flush=True)
     try:
         if args.command == "prepare":
             from noisynn import data

@@ -79,4 +79,8 @@ def versions() -> dict:
 
 
 def provenance(seed: int | None = None) -> dict:
-    return {"seed": seed, "git_commit": git_commit(), "versions": versions()}
+    """Seed, commit and versions; the scheduler's job id too when SLURM ran the job."""
+    record = {"seed": seed, "git_commit": git_commit(), "versions": versions()}
+    if os.environ.get("SLURM_JOB_ID"):
+        record["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return record

@@ -25,8 +25,13 @@ def build_model(model_cfg: dict, num_classes: int, in_chans: int) -> nn.Module:
     import timm
 
     name = model_cfg.get("timm_name")
-    if not name or name not in timm.list_models():
+    # is_model, not list_models: a name may carry a weight tag (vit_base_patch16_384.augreg_in21k_ft_in1k)
+    if not name or not timm.is_model(name):
         raise UserError(f"model timm_name {name!r} is not a timm model (see timm.list_models()).")
+    if "." in name and not timm.list_pretrained(name):
+        arch, tag = name.split(".", 1)
+        raise UserError(f"model timm_name {name!r}: timm has no weights tagged {tag!r} for {arch} "
+                        f"(see timm.list_pretrained('{arch}.*')).")
     kwargs = dict(model_cfg.get("kwargs") or {})
     kwargs.setdefault("num_classes", num_classes)
     kwargs.setdefault("in_chans", in_chans)
@@ -126,7 +131,9 @@ def save_checkpoint(model: nn.Module, weights: Path, meta: dict) -> None:
     weights = Path(weights)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "timm_name": meta["model"]["timm_name"]})
+        # one metadata key only: safetensors writes several in a random order, and equal weights
+        # must give equal bytes (content hashes of DVC and Snakemake); the model name is in the sidecar
+        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
     atomic_write_json(sidecar_path(weights), {"format": CHECKPOINT_FORMAT, **meta})
 
 

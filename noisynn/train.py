@@ -336,7 +336,7 @@ def train(cfg: TrainConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                loss_sum += float(loss) * len(y)
+                loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(-1) == y).sum())
                 seen += len(y)
                 steps_done += 1

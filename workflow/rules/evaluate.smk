@@ -10,6 +10,7 @@ rule evaluate:
         f"logs/evaluate/{DATASET}/{{model}}/noise~{{noise}}_apply~{{apply}}_site~{{site}}_seed~{{seed}}.benchmark.tsv"
     conda:
         CONDA_ENV
+    threads: evaluate_resource("threads", 1)
     resources:
         gpu=evaluate_resource("gpu", 0),
         mem_mb=lambda wildcards, attempt: evaluate_resource("mem_mb", 4000) * attempt,

@@ -11,6 +11,7 @@ rule finetune:
         f"logs/finetune/{DATASET}/{{model}}/noise~{{noise}}_site~{{site}}_seed~{{seed}}.benchmark.tsv"
     conda:
         CONDA_ENV
+    threads: lambda wildcards: model_resources(wildcards.model, "threads", 1)
     resources:
         gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
         nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),

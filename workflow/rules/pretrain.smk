@@ -10,6 +10,7 @@ rule pretrain:
         f"logs/pretrain/{DATASET}/{{model}}.benchmark.tsv"
     conda:
         CONDA_ENV
+    threads: lambda wildcards: model_resources(wildcards.model, "threads", 1)
     resources:
         gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
         nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),

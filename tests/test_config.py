@@ -1,0 +1,70 @@
+"""Config validation: every shipped config passes, every mistake is one sentence naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from noisynn.config import load_config, validate_config
+from noisynn.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny() -> dict:
+    return yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml"])
+def test_shipped_digits_configs_validate(name):
+    cfg = load_config(REPO / "config" / name)
+    # defaults are filled in, so the workflow reads every key without .get()
+    assert cfg["finetune"]["min_lr"] == 1e-6
+    assert cfg["evaluate"]["protocols"][0] == "clean"
+
+
+@pytest.mark.parametrize("name", ["paper-imagenet.yaml", "tinyimagenet.yaml"])
+def test_paper_configs_validate_against_a_dataset_folder(tmp_path, name):
+    for sub in ("train", "val"):
+        (tmp_path / sub).mkdir()
+    cfg = yaml.safe_load((REPO / "config" / name).read_text())
+    cfg["dataset"]["root"] = str(tmp_path)
+    out = validate_config(cfg, name)
+    assert all(m["skip_pretrain"] for m in out["models"].values())
+
+
+@pytest.mark.parametrize(
+    "edit, key, expected",
+    [
+        (lambda c: c.update(extra=1), "(top level)", "unknown key 'extra'"),
+        (lambda c: c["finetune"].update(lr="fast"), "finetune.lr", "expected number"),
+        (lambda c: c["finetune"].update(lr=0), "finetune.lr", "> 0"),
+        (lambda c: c["noises"][2].update(strength=[1.5]), "noises.2.strength", "[0, 1]"),
+        (lambda c: c["noises"][4].pop("alpha"), "noises.4.alpha", "required"),
+        (lambda c: c["noises"][3].update(axis=["diagonal"]), "noises.3.axis.0", "batch, rows, features"),
+        (lambda c: c["noises"][3].update(models=["mlp"]), "noises.3.models", "not a model"),
+        (lambda c: c["dataset"].update(image_size=12), "dataset.image_size", "8, 16 or 32"),
+        (lambda c: c["dataset"].update(kind="imagefolder"), "dataset.root", "expected the folder"),
+        (lambda c: c["models"]["vit"].update(pretrained="/no/weights.safetensors"), "models.vit.pretrained", "does not exist"),
+        (lambda c: c.update(seeds=[0, 0]), "seeds", "non-unique"),
+    ],
+)
+def test_each_mistake_is_one_sentence_naming_file_and_key(edit, key, expected):
+    cfg = tiny()
+    edit(cfg)
+    with pytest.raises(UserError) as err:
+        validate_config(cfg, "config/mine.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("config/mine.yaml: key ") and key in msg and expected in msg
+
+
+def test_missing_or_unparsable_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,86 @@
+"""Data-parallel training under torchrun (gloo on CPU), and the workflow launching it.
+
+A 2-process fine-tuning splits every global batch across the processes, so it follows the same
+trajectory as one process up to floating-point summation order: it must end at the same accuracy
+(within a point) and leave exactly one checkpoint, written by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workflow_helpers import REPO, copy_repo, snakemake
+
+# The tiny config's ViT at 8 px: a few seconds per epoch on one CPU.
+VIT_8PX = {
+    "timm_name": "vit_tiny_patch16_224",
+    "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2},
+}
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+FINETUNE_ARGS = ["--epochs", "2", "--batch-size", "64", "--lr", "3e-4", "--warmup-epochs", "0", "--seed", "0"]
+
+
+def noisynn(*args: str, launcher: list[str] | None = None, timeout: float = 300) -> str:
+    """Run `python [launcher] -m noisynn args` with the repository importable; return its output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, *(launcher or []), "-m", "noisynn", *args]
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert ran.returncode == 0, f"{' '.join(command)} failed ({ran.returncode}):\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+    return ran.stdout
+
+
+def clean_top1(checkpoint: Path, data: Path, out: Path) -> float:
+    noisynn("evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--protocols", "clean")
+    return json.loads(out.read_text())["protocols"]["clean"]["top1"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[Path, Path]:
+    """Digits at 8 px and a ViT pretrained on them for a few epochs: (data folder, checkpoint)."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = root / "data"
+    noisynn("prepare", "--kind", "digits", "--image-size", "8", "--seed", "0", "--out", str(data))
+    noisynn("pretrain", "--data", str(data), "--out", str(root / "pretrain"), "--model", json.dumps(VIT_8PX),
+            "--epochs", "4", "--batch-size", "64", "--lr", "3e-3", "--warmup-epochs", "0", "--seed", "0")
+    return data, root / "pretrain" / "model.safetensors"
+
+
+@pytest.mark.slow
+def test_two_process_finetuning_matches_one_process_and_writes_one_checkpoint(pretrained, tmp_path):
+    data, init = pretrained
+    single, double = tmp_path / "one-process", tmp_path / "two-processes"
+    noisynn("finetune", "--data", str(data), "--init", str(init), "--out", str(single), *FINETUNE_ARGS)
+    noisynn("finetune", "--data", str(data), "--init", str(init), "--out", str(double), *FINETUNE_ARGS,
+            launcher=TORCHRUN_2)
+
+    files = sorted(str(p.relative_to(double)) for p in double.rglob("*"))
+    assert files == ["args.yaml", "model.json", "model.safetensors", "recovery", "recovery/state.json",
+                     "recovery/state.safetensors", "summary.csv"], "rank 1 wrote files of its own"
+    assert json.loads((double / "model.json").read_text())["world_size"] == 2
+    assert len((double / "summary.csv").read_text().splitlines()) == 1 + 2, "one summary row per epoch"
+
+    one = clean_top1(single / "model.safetensors", data, tmp_path / "one.json")
+    two = clean_top1(double / "model.safetensors", data, tmp_path / "two.json")
+    assert one > 0.3, f"the pretrained start is too weak for the comparison to mean anything ({one:.3f})"
+    assert abs(one - two) <= 0.01, f"clean top-1: {one:.4f} with one process, {two:.4f} with two"
+
+
+def test_workflow_launches_torchrun_when_a_model_asks_for_two_processes(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    dry = snakemake(repo, "-n", "-p", "--workflow-profile", "none", "--configfile", "config/tiny.yaml",
+                    "--config", "models={vit: {resources: {nproc: 2}}}")
+    output = dry.stdout + dry.stderr
+    commands = [line for line in output.splitlines() if line.startswith("Shell command:")
+                and ("-m noisynn pretrain" in line or "-m noisynn finetune" in line)]
+    vit = [c for c in commands if "results/digits-tiny/vit/" in c]
+    resnet = [c for c in commands if "results/digits-tiny/resnet/" in c]
+    assert len(vit) == 3 and len(resnet) == 3, "expected a pretraining and two fine-tunings per model"
+    torchrun = "python -m torch.distributed.run --standalone --nproc_per_node=2 -m noisynn"
+    assert all(torchrun in c for c in vit), vit
+    assert not any("torch.distributed.run" in c for c in resnet), resnet

@@ -1,0 +1,334 @@
+"""DVC shares the workflow's costly results, and a second lab regenerates nothing after pulling them.
+
+The fast tests read dvc.yaml and .dvc/config. The slow ones play two labs with real DVC and a real
+local remote, on the tiny config (written as config/config.yaml, so dvc.yaml's paths follow its
+dataset name, digits-tiny): lab one runs `dvc repro` in a copy of this working tree and pushes;
+lab two clones lab one's repository, runs scripts/sync-results.sh, and must find every file
+identical and Snakemake with nothing to do. Corrupt bytes, in the remote or in a cache, must never
+reach a workspace or a remote unnoticed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_image_folder
+from workflow_helpers import BIN, REPO, copy_repo, job_counts
+
+TINY = "digits-tiny"
+CACHED = ("data", "vit", "resnet", "evaluations.csv")  # what DVC stores; the rest is in git
+COMMITTED = ("figures", "tables", "SUMMARY.md", "metrics.json")
+
+
+# --- the files as written ------------------------------------------------------------------------
+
+
+def dvc_stage() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["workflow"]
+
+
+def out_entries(stage: dict, key: str = "outs") -> dict[str, dict]:
+    entries = {}
+    for item in stage[key]:
+        path, options = next(iter(item.items())) if isinstance(item, dict) else (item, {})
+        entries[path] = options or {}
+    return entries
+
+
+def test_stage_caches_data_checkpoints_and_evaluations_and_never_deletes_them():
+    outs = out_entries(dvc_stage())
+    root = "results/${dataset.name}"
+    for name in CACHED:
+        assert outs[f"{root}/{name}"].get("cache", True), name
+        assert outs[f"{root}/{name}"].get("persist") is True, f"DVC would delete {name} before Snakemake runs"
+    for name in ("figures", "tables", "SUMMARY.md"):
+        assert outs[f"{root}/{name}"].get("cache") is False, f"{name} is committed to git, DVC must not cache it"
+    metrics = out_entries(dvc_stage(), "metrics")
+    assert metrics[f"{root}/metrics.json"].get("cache") is False
+
+
+def test_stage_names_the_model_folders_of_the_config_it_runs():
+    """dvc.yaml lists one folder per model; a model added to config/config.yaml must be added there."""
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    folders = {Path(p).name for p in out_entries(dvc_stage())} - {"data", "evaluations.csv", *COMMITTED}
+    assert folders == set(config["models"])
+
+
+def test_stage_depends_on_code_workflow_and_the_config_it_runs():
+    stage = dvc_stage()
+    assert set(stage["deps"]) >= {"Snakefile", "workflow", "noisynn", "config/paper_results.csv"}
+    assert {"config/config.yaml": None} in stage["params"], "the params are the whole config Snakemake reads"
+    assert yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"] == ["config/config.yaml:dataset"]
+
+
+def test_default_remote_is_local_and_verifies_what_it_downloads():
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc/config")
+    remote = config[f"'remote \"{config['core']['remote']}\"'"]
+    assert "://" not in remote["url"], "the default remote must work on one machine, without credentials"
+    assert remote.getboolean("verify"), "without verify, `dvc pull` hands over corrupt remote bytes unchecked"
+
+
+def test_snakemake_bookkeeping_is_tracked_by_neither_git_nor_dvc():
+    ignored = subprocess.run(["git", "check-ignore", ".snakemake/x", "logs/x"], cwd=REPO, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == [".snakemake/x", "logs/x"]
+    assert {".snakemake/", "logs/", "__pycache__/"} <= set((REPO / ".dvcignore").read_text().split())
+
+
+# --- two labs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """This venv's dvc and snakemake first on PATH; DVC's user and site state kept out of $HOME."""
+    state = tmp_path_factory.mktemp("dvc-state")
+    e = dict(os.environ)
+    e.update(
+        PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        DVC_STUDIO_OFFLINE="1",
+        DVC_GLOBAL_CONFIG_DIR=str(state / "global"),
+        DVC_SYSTEM_CONFIG_DIR=str(state / "system"),
+        DVC_SITE_CACHE_DIR=str(state / "site"),
+        GIT_AUTHOR_NAME="noisynn tests",
+        GIT_AUTHOR_EMAIL="tests@noisynn.invalid",
+        GIT_COMMITTER_NAME="noisynn tests",
+        GIT_COMMITTER_EMAIL="tests@noisynn.invalid",
+    )
+    return e
+
+
+def run(env: dict, cwd: Path, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}) in {cwd}:\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def checksums(repo: Path) -> dict[str, str]:
+    """sha256 of every file of the stage's outputs, by path relative to the repository."""
+    files = []
+    for name in (*CACHED, *COMMITTED):
+        path = repo / "results" / TINY / name
+        files += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def clone(env: dict, lab_one: Path, dest: Path, remote: Path) -> Path:
+    """A fresh clone of lab one's repository whose default remote points at ``remote``."""
+    run(env, dest.parent, "git", "clone", "--quiet", str(lab_one), str(dest))
+    run(env, dest, "dvc", "remote", "modify", "--local", "store", "url", str(remote))
+    return dest
+
+
+def written_logs(repo: Path) -> list[str]:
+    """Job logs with content: every job that ran wrote one (`snakemake --touch` leaves them empty)."""
+    return sorted(str(p) for p in (repo / "logs").rglob("*") if p.is_file() and p.stat().st_size)
+
+
+def dry_run_jobs(env: dict, repo: Path) -> dict[str, int]:
+    out = run(env, repo, "snakemake", "--dry-run")
+    return job_counts(out.stdout + out.stderr)
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("remote")
+
+
+@pytest.fixture(scope="module")
+def lab_one(tmp_path_factory, env, remote) -> Path:
+    """This working tree with the tiny config, reproduced by DVC, committed, and pushed."""
+    repo = copy_repo(tmp_path_factory.mktemp("lab-one"))
+    (repo / "dvc.lock").unlink(missing_ok=True)  # the demo's lock; the tiny run writes its own
+    shutil.copy(repo / "config/tiny.yaml", repo / "config/config.yaml")
+    run(env, repo, "git", "init", "--quiet")
+    run(env, repo, "git", "add", "--all")
+    run(env, repo, "git", "commit", "--quiet", "-m", "noisynn with the tiny config")
+    # the documented way to point a checkout at another store without editing a tracked file
+    run(env, repo, "dvc", "remote", "modify", "--local", "store", "url", str(remote))
+    run(env, repo, "dvc", "repro", timeout=1500)
+    run(env, repo, "git", "add", "--all")
+    run(env, repo, "git", "commit", "--quiet", "-m", "tiny results")
+    run(env, repo, "dvc", "push")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def lab_two(tmp_path_factory, env, lab_one, remote) -> Path:
+    """A clone of lab one's repository, then `scripts/sync-results.sh` as the README says."""
+    repo = clone(env, lab_one, tmp_path_factory.mktemp("lab-two") / "repo", remote)
+    assert not (repo / "results" / TINY / "vit").exists(), "checkpoints must come from DVC, not git"
+    run(env, repo, "scripts/sync-results.sh")
+    return repo
+
+
+@pytest.mark.slow
+def test_git_holds_the_summary_and_dvc_holds_the_checkpoints(env, lab_one):
+    tracked = run(env, lab_one, "git", "ls-files", f"results/{TINY}").stdout.split()
+    assert f"results/{TINY}/SUMMARY.md" in tracked and f"results/{TINY}/metrics.json" in tracked
+    assert any(p.startswith(f"results/{TINY}/figures/") for p in tracked)
+    assert not [p for p in tracked if p.endswith(".safetensors") or "/data/" in p or p.endswith("evaluations.csv")]
+    lock = yaml.safe_load((lab_one / "dvc.lock").read_text())["stages"]["workflow"]
+    assert {o["path"] for o in lock["outs"]} >= {f"results/{TINY}/{name}" for name in CACHED}
+    status = run(env, lab_one, "dvc", "status", "--cloud", "--json")
+    assert json.loads(status.stdout) == {}, "everything DVC caches is in the remote"
+
+
+@pytest.mark.slow
+def test_second_lab_pulls_identical_files_and_retrains_nothing(env, lab_one, lab_two):
+    assert checksums(lab_two) == checksums(lab_one)
+    assert len(checksums(lab_two)) > 20
+    assert dry_run_jobs(env, lab_two) == {}
+    assert json.loads(run(env, lab_two, "dvc", "status", "--json").stdout) == {}
+    assert written_logs(lab_two) == [], "no workflow job ran in lab two"
+
+
+@pytest.mark.slow
+def test_sync_handles_pulled_files_in_the_worst_order(env, lab_one, lab_two):
+    """Checkpoints older than the data they were trained on: Snakemake would retrain everything."""
+    results = lab_two / "results" / TINY
+    hour_ago = time.time() - 3600
+    for name in ("vit", "resnet", "evaluations.csv"):
+        for path in [results / name, *(results / name).rglob("*")]:
+            os.utime(path, (hour_ago, hour_ago))
+    planned = dry_run_jobs(env, lab_two)
+    assert planned.get("pretrain") == 2 and planned.get("finetune"), planned
+
+    run(env, lab_two, "scripts/sync-results.sh")
+
+    assert dry_run_jobs(env, lab_two) == {}
+    assert checksums(lab_two) == checksums(lab_one)
+
+
+@pytest.mark.slow
+def test_sync_refuses_to_bless_results_of_another_config(env, lab_one, remote, tmp_path):
+    """Touching would make Snakemake accept any files; results of other params must be recomputed."""
+    lab = clone(env, lab_one, tmp_path / "lab", remote)
+    config = yaml.safe_load((lab / "config/config.yaml").read_text())
+    config["finetune"]["epochs"] += 1
+    (lab / "config/config.yaml").write_text(yaml.safe_dump(config))
+
+    synced = run(env, lab, "scripts/sync-results.sh", check=False)
+
+    assert synced.returncode == 1
+    assert "run `dvc repro`" in synced.stderr and re.search(r"modified:\s+finetune", synced.stderr)
+    assert not (lab / ".snakemake").exists(), "Snakemake never ran, so nothing was touched"
+
+
+@pytest.mark.slow
+def test_metrics_and_plots_show_the_pulled_results(env, lab_one, lab_two, tmp_path):
+    shown = json.loads(run(env, lab_two, "dvc", "metrics", "show", "--json").stdout)
+    metrics = shown[""]["data"][f"results/{TINY}/metrics.json"]["data"]
+    assert metrics == json.loads((lab_one / "results" / TINY / "metrics.json").read_text())
+
+    run(env, lab_two, "dvc", "plots", "show", "--out", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "Top-1 of every setting under every evaluation protocol" in html  # the audit plot
+    assert "Top-1 against noise strength" in html
+    for name in ("audit", "strength", "layers", "entropy"):
+        assert f"figures_{name}.png" in html
+
+
+@pytest.mark.slow
+def test_a_corrupt_object_in_the_remote_never_reaches_a_workspace(env, lab_one, remote, tmp_path):
+    damaged = shutil.copytree(remote, tmp_path / "damaged-remote")
+    obj = object_of(lab_one, f"results/{TINY}/resnet", "pretrain/model.safetensors")
+    corrupt(damaged / obj)
+    bad_sha = hashlib.sha256((damaged / obj).read_bytes()).hexdigest()
+
+    lab = clone(env, lab_one, tmp_path / "lab-three", damaged)
+    pulled = run(env, lab, "dvc", "pull", check=False)
+
+    assert pulled.returncode != 0
+    assert f"results/{TINY}/resnet" in pulled.stderr
+    assert not (lab / ".dvc/cache" / obj).exists()
+    assert bad_sha not in checksums(lab).values()
+    assert (lab / "results" / TINY / "vit").is_dir(), "the undamaged outputs are still pulled"
+
+    # Why .dvc/config sets `verify`: without it DVC trusts the remote and hands the bytes over.
+    trusting = clone(env, lab_one, tmp_path / "lab-four", damaged)
+    run(env, trusting, "dvc", "remote", "modify", "--local", "store", "verify", "false")
+    run(env, trusting, "dvc", "pull")
+    assert bad_sha in checksums(trusting).values()
+
+
+@pytest.mark.slow
+def test_a_corrupt_object_in_the_cache_is_reported_and_not_pushed(env, lab_one, remote, tmp_path):
+    lab = clone(env, lab_one, tmp_path / "lab", remote)
+    run(env, lab, "dvc", "pull")
+    obj = lab / ".dvc/cache" / object_of(lab_one, f"results/{TINY}/resnet", "pretrain/model.safetensors")
+    corrupt(obj)
+
+    status = json.loads(run(env, lab, "dvc", "status", "--json").stdout)
+    assert status == {"workflow": [{"changed outs": {f"results/{TINY}/resnet": "not in cache"}}]}
+
+    run(env, lab, "dvc", "remote", "add", "--local", "fresh", str(tmp_path / "fresh-remote"))
+    pushed = run(env, lab, "dvc", "push", "--remote", "fresh")
+    assert obj.name not in {p.name for p in (tmp_path / "fresh-remote").rglob("*")}
+    assert "missing cache files" in (pushed.stdout + pushed.stderr).lower()
+
+
+@pytest.mark.slow
+def test_experiment_with_a_params_override_reuses_the_pulled_checkpoints(env, lab_one, lab_two):
+    """`dvc exp run -S` writes the config Snakemake reads; the same seeds mean no job at all."""
+    before = checksums(lab_two)
+    ran = run(env, lab_two, "dvc", "exp", "run", "-S", "config/config.yaml:seeds=[0]")
+    assert "Ran experiment" in ran.stdout + ran.stderr
+    assert yaml.safe_load((lab_two / "config/config.yaml").read_text())["seeds"] == [0]
+    assert checksums(lab_two) == before
+    assert written_logs(lab_two) == [], "no workflow job ran"
+
+
+@pytest.mark.slow
+def test_an_image_folder_outside_the_repository_is_versioned_without_a_copy(env, tmp_path):
+    """The README's way to record which ImageNet a result used: its hash in git, the images in place."""
+    images = write_image_folder(tmp_path / "imagenet" / "train", {"n01440764": 2, "n01443537": 2})
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    run(env, repo, "git", "init", "--quiet")
+    run(env, repo, "dvc", "init", "--quiet")
+    run(env, repo, "dvc", "import-url", "--no-download", str(images.parent), "data/imagenet")
+
+    def folder_hash() -> str:
+        return yaml.safe_load((repo / "data/imagenet.dvc").read_text())["deps"][0]["md5"]
+
+    first = folder_hash()
+    assert first.endswith(".dir")
+    assert not (repo / "data/imagenet").exists() and not (repo / ".dvc/cache").exists(), "nothing was copied"
+    write_image_folder(images / "n01440764", {"extra": 1}, seed=5)
+    run(env, repo, "dvc", "update", "--no-download", "data/imagenet.dvc")
+    assert folder_hash() != first
+
+
+# --- helpers for the corruption tests -----------------------------------------------------------
+
+
+def object_of(repo: Path, out: str, relpath: str) -> Path:
+    """The cache path (files/md5/xx/yyyy) of one file inside a directory output, from dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["workflow"]
+    dir_md5 = next(o["md5"] for o in lock["outs"] if o["path"] == out)
+    listing = json.loads((repo / ".dvc/cache/files/md5" / dir_md5[:2] / dir_md5[2:]).read_text())
+    md5 = next(e["md5"] for e in listing if e["relpath"] == relpath)
+    return Path("files/md5") / md5[:2] / md5[2:]
+
+
+def corrupt(path: Path) -> None:
+    """Flip one byte in the middle of a file (same size), as a failing disk or transfer would."""
+    path.chmod(0o644)  # DVC's cache objects are read-only
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

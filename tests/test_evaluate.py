@@ -1,0 +1,154 @@
+"""Tests of noisynn/evaluate.py: one checkpoint under every protocol of PAPER.md §6.
+
+What a user relies on: at batch size 1 the batch-axis optimal-Q noise is the plain model (the
+``batch1`` protocol predicts exactly what ``clean`` predicts); the fast path that caches the
+network up to the injection site predicts exactly what the full forward pass predicts; with no
+noise every protocol is the same model; each protocol's numbers follow from its predictions; and
+a checkpoint evaluated on data it cannot classify is refused in one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from noisynn.data import load_dataset, released_metric
+from noisynn.data import test_batches as order_batches  # aliased: pytest would collect a test_* name
+from noisynn.errors import UserError
+from noisynn.evaluate import PROTOCOL_DEFS, PROTOCOLS, evaluate_checkpoint
+
+OPTIMAL_BATCH = {"kind": "linear-optimal", "axis": "batch"}
+
+
+@pytest.fixture(scope="module")
+def test_labels(digits_dir) -> np.ndarray:
+    return np.asarray(load_dataset(digits_dir).test.labels)
+
+
+@pytest.mark.parametrize("run_name", ["vit_run", "resnet_run"])
+def test_batch1_predicts_exactly_what_clean_predicts(request, digits_dir, run_name):
+    run = request.getfixturevalue(run_name)
+    result = evaluate_checkpoint(run.checkpoint, digits_dir, OPTIMAL_BATCH, run.last_site, protocols=("clean", "batch1"))
+    assert result["protocols"]["batch1"]["noise_applied"]
+    assert result["protocols"]["batch1"]["mixed_axis_size"] == 1
+    np.testing.assert_array_equal(result["predictions"]["batch1"], result["predictions"]["clean"])
+    assert result["protocols"]["batch1"]["top1"] == result["protocols"]["clean"]["top1"]
+
+
+# The cached path feeds the noise hook the same (batch, tokens/channels, …) tensors, batch by batch
+# in the same order, from a generator reseeded per protocol; so even the random noises draw the same
+# numbers on both paths, and every noise kind can be compared exactly.
+@pytest.mark.parametrize(
+    ("run_name", "noise"),
+    [
+        ("vit_run", OPTIMAL_BATCH),
+        ("vit_run", {"kind": "linear-shift", "axis": "rows", "alpha": 0.3}),
+        ("vit_run", {"kind": "gaussian", "strength": 1.0}),
+        ("resnet_run", OPTIMAL_BATCH),
+        ("resnet_run", {"kind": "impulse", "strength": 0.1}),
+    ],
+    ids=["vit-optimal", "vit-shift-rows", "vit-gaussian", "resnet-optimal", "resnet-impulse"],
+)
+def test_prefix_cache_predicts_exactly_what_the_full_forward_predicts(request, digits_dir, run_name, noise):
+    run = request.getfixturevalue(run_name)
+    cached = evaluate_checkpoint(run.checkpoint, digits_dir, noise, run.last_site, use_prefix_cache=True)
+    full = evaluate_checkpoint(run.checkpoint, digits_dir, noise, run.last_site, use_prefix_cache=False)
+    for name in PROTOCOLS:
+        np.testing.assert_array_equal(cached["predictions"][name], full["predictions"][name], err_msg=name)
+        assert cached["protocols"][name]["top1"] == full["protocols"][name]["top1"]
+        assert cached["protocols"][name]["top5"] == full["protocols"][name]["top5"]
+    if noise["kind"] in ("gaussian", "impulse"):
+        # the random noise really acts: it changes some predictions against the clean model
+        assert any((cached["predictions"][p] != cached["predictions"]["clean"]).any() for p in PROTOCOLS if p != "clean")
+
+
+def test_prefix_cache_on_disk_predicts_what_the_in_memory_cache_predicts(vit_run, digits_dir):
+    in_memory = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, protocols=("released",))
+    on_disk = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, protocols=("released",),
+                                  max_cache_bytes=1)
+    np.testing.assert_array_equal(in_memory["predictions"]["released"], on_disk["predictions"]["released"])
+
+
+def test_results_hold_every_protocol_and_follow_from_the_predictions(vit_run, digits_dir, test_labels):
+    result = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, test_batch_size=10)
+    assert set(result["protocols"]) == set(PROTOCOLS)
+    json.dumps({k: v for k, v in result.items() if k != "predictions"})  # the CLI writes it as JSON
+    for name, r in result["protocols"].items():
+        order, batch_size, noise_on = PROTOCOL_DEFS[name]
+        pred = result["predictions"][name]
+        assert r["n"] == len(test_labels) == len(pred)
+        assert r["top1"] == pytest.approx(float(np.mean(pred == test_labels)), abs=1e-12)
+        assert r["top1"] <= r["top5"] <= 1
+        assert r["noise_applied"] == noise_on
+        assert r["batch_size"] == (batch_size or 10)
+        # the released metric from the protocol's own batches, recomputed from its predictions
+        batches = order_batches(test_labels, order, batch_size or 10, seed=0)
+        correct = [int((pred[b] == test_labels[b]).sum()) for b in batches]
+        assert r["released_metric_top1"] == pytest.approx(released_metric(correct, [len(b) for b in batches]), abs=1e-12)
+    released = result["protocols"]["released"]
+    assert released["order"] == "class_sorted"
+    assert released["mixed_axis_size"] == 10
+    assert released["theory_delta_S"] == pytest.approx(9 * np.log(11))  # (k-1)·log(k+1) at k = 10
+    assert result["data_fingerprint"] == json.loads((digits_dir / "manifest.json").read_text())["fingerprint"]
+
+
+def test_class_pure_batches_pool_evidence_and_class_mixed_ones_do_not(resnet_run, digits_dir):
+    # the audit's central effect (PAPER.md §6): on the same model, batch-axis Q* helps only when a
+    # batch's images share their label. Checked as an inequality, not a copied number.
+    result = evaluate_checkpoint(resnet_run.checkpoint, digits_dir, OPTIMAL_BATCH, resnet_run.last_site,
+                                 protocols=("class_pure", "class_mixed"))
+    assert result["protocols"]["class_pure"]["top1"] > result["protocols"]["class_mixed"]["top1"]
+
+
+@pytest.mark.parametrize("site", [None, "blocks.1"])
+def test_without_noise_every_protocol_is_the_plain_model(vit_run, digits_dir, site):
+    result = evaluate_checkpoint(vit_run.checkpoint, digits_dir, {"kind": "none"}, site)
+    for name in PROTOCOLS:
+        np.testing.assert_array_equal(result["predictions"][name], result["predictions"]["clean"], err_msg=name)
+        assert not result["protocols"][name]["noise_applied"]
+
+
+def test_same_seed_same_noise_other_seed_other_noise(resnet_run, digits_dir):
+    def predictions(seed):
+        r = evaluate_checkpoint(resnet_run.checkpoint, digits_dir, {"kind": "gaussian", "strength": 2.0}, resnet_run.last_site,
+                                protocols=("batch1",), seed=seed)
+        return r["predictions"]["batch1"]
+
+    np.testing.assert_array_equal(predictions(0), predictions(0))
+    assert (predictions(0) != predictions(1)).any()
+
+
+def test_checkpoint_on_a_dataset_with_other_classes_is_refused(vit_run, image_folder, tmp_path):
+    from noisynn.data import prepare_image_folder
+
+    prepare_image_folder(tmp_path / "three-classes", image_folder, image_size=16)
+    with pytest.raises(UserError, match=r"10 classes.*3") as err:
+        evaluate_checkpoint(vit_run.checkpoint, tmp_path / "three-classes", {"kind": "none"}, None)
+    assert str(vit_run.checkpoint) in str(err.value)
+
+
+def test_checkpoint_on_images_of_another_size_is_refused(vit_run, tmp_path):
+    from noisynn.data import prepare_digits
+
+    prepare_digits(tmp_path / "digits8", image_size=8)
+    with pytest.raises(UserError, match=r"16×16 px.*8×8 px"):
+        evaluate_checkpoint(vit_run.checkpoint, tmp_path / "digits8", {"kind": "none"}, None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"noise": {"kind": "blur"}}, "kind"),
+        ({"noise": {"kind": "gaussian", "sigma": 1}}, "sigma"),
+        ({"noise": {"kind": "linear-shift", "alpha": 1.5}}, "alpha"),
+        ({"site": "blocks.9.attn"}, "blocks.3.attn"),  # the message lists the valid sites
+        ({"protocols": ("clean", "sorted")}, "sorted"),
+        ({"test_batch_size": 0}, "test_batch_size"),
+    ],
+)
+def test_bad_evaluation_settings_are_user_errors(vit_run, digits_dir, kwargs, key):
+    settings = {"noise": OPTIMAL_BATCH, "site": vit_run.last_site, **kwargs}
+    with pytest.raises(UserError, match=key):
+        evaluate_checkpoint(vit_run.checkpoint, digits_dir, **settings)

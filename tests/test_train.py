@@ -1,0 +1,233 @@
+"""Tests of noisynn/train.py: training reaches a useful model, and an interrupted run resumes exactly.
+
+What a user relies on: the small recipes learn digits (a ViT ≥ 90 %, a ResNet ≥ 95 % clean test
+accuracy); a run killed by its scheduler (SIGTERM, exit 143) and started again ends with the same
+weights, bit for bit on CPU, as a run that was never interrupted, even with a random noise in the
+forward pass; the run folder holds timm's contract (args.yaml, one summary.csv row per epoch,
+model.safetensors with a sidecar carrying the provenance) and nothing half-written; and a run
+folder is never resumed with other settings than those it was started with.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+from conftest import assert_same_tensors, cli_env
+from noisynn.errors import UserError
+from noisynn.evaluate import evaluate_checkpoint
+from noisynn.train import EXIT_INTERRUPTED, TrainConfig, train
+
+# a random noise in the forward pass, at train and at eval: its generator must resume exactly too
+GAUSSIAN = {"kind": "gaussian", "strength": 0.1}
+
+
+def _finetune_config(vit_run, digits_dir, out_dir: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        out_dir=str(out_dir),
+        data_dir=str(digits_dir),
+        stage="finetune",
+        init_checkpoint=str(vit_run.checkpoint),
+        epochs=2,
+        batch_size=32,  # 1077 training images → 34 steps per epoch
+        lr=5e-4,
+        warmup_epochs=0,
+        seed=3,
+        noise=GAUSSIAN,
+        site=vit_run.last_site,
+        apply_noise_at_train=True,
+        apply_noise_at_eval=True,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _summary_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "summary.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in rows]
+
+
+def _temp_files(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_finetune(vit_run, digits_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finetune") / "uninterrupted"
+    train(_finetune_config(vit_run, digits_dir, out))
+    return out
+
+
+# --- the models learn ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("run", "floor"), [("vit_run", 0.90), ("resnet_run", 0.95)])
+def test_small_recipe_reaches_its_clean_accuracy(request, digits_dir, run, floor):
+    trained = request.getfixturevalue(run)
+    result = evaluate_checkpoint(trained.checkpoint, digits_dir, {"kind": "none"}, None, protocols=("clean",))
+    clean = result["protocols"]["clean"]
+    assert clean["n"] == 360
+    assert clean["top1"] >= floor, f"{trained.model_cfg['timm_name']}: clean test top-1 {clean['top1']:.3f} < {floor}"
+
+
+# --- resuming ----------------------------------------------------------------------------------
+
+
+def test_resume_after_stop_mid_epoch_equals_an_uninterrupted_run(vit_run, digits_dir, tmp_path, uninterrupted_finetune):
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as stopped:
+        train(_finetune_config(vit_run, digits_dir, out, stop_after_steps=50))
+    assert stopped.value.code == EXIT_INTERRUPTED
+    state = json.loads((out / "recovery" / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 50 - 34)  # stopped inside the second epoch
+    assert not (out / "model.safetensors").exists()  # an interrupted run never looks finished
+    assert not _temp_files(out)
+
+    train(_finetune_config(vit_run, digits_dir, out))
+    assert_same_tensors(out / "model.safetensors", uninterrupted_finetune / "model.safetensors")
+    assert _without_timing(_summary_rows(out)) == _without_timing(_summary_rows(uninterrupted_finetune))
+
+
+def test_run_folder_contract(uninterrupted_finetune, vit_run, digits_dir):
+    out = uninterrupted_finetune
+    args = yaml.safe_load((out / "args.yaml").read_text())
+    expected = asdict(_finetune_config(vit_run, digits_dir, out))
+    assert args == expected
+
+    rows = _summary_rows(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert 0 <= float(row["val_top1_clean"]) <= 1
+        assert 0 <= float(row["val_top1_noisy"]) <= 1  # noise applied at eval: the noisy pass is reported
+        assert float(row["train_loss"]) > 0
+
+    meta = json.loads((out / "model.json").read_text())
+    manifest = json.loads((digits_dir / "manifest.json").read_text())
+    assert meta["seed"] == 3
+    assert meta["data_fingerprint"] == manifest["fingerprint"]
+    assert meta["init_checkpoint"] == str(vit_run.checkpoint)
+    assert meta["stage"] == "finetune"
+    assert meta["model"]["timm_name"] == "vit_tiny_patch16_224"
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["versions"]["timm"] == timm.__version__
+    assert meta["git_commit"] and meta["git_commit"] != "unknown"
+    assert meta["train_args"]["noise"] == GAUSSIAN
+    assert (out / "model.safetensors").is_file()
+    assert not _temp_files(out)
+
+
+def test_pretrain_run_folder_has_one_summary_row_per_epoch(vit_run):
+    rows = _summary_rows(vit_run.run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, vit_run.recipe["epochs"] + 1))
+    assert float(rows[-1]["val_top1_clean"]) > float(rows[0]["val_top1_clean"])
+    meta = json.loads((vit_run.run_dir / "model.json").read_text())
+    assert meta["stage"] == "pretrain" and meta["seed"] == 0
+    assert not _temp_files(vit_run.run_dir)
+
+
+def test_rerun_with_other_settings_is_refused_and_same_settings_change_nothing(digits_dir, resnet_run, tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(out_dir=str(out), data_dir=str(digits_dir), stage="finetune", init_checkpoint=str(resnet_run.checkpoint),
+                      epochs=1, batch_size=64, lr=1e-3, warmup_epochs=0)
+    train(cfg)
+    shutil.copy(out / "model.safetensors", tmp_path / "before.safetensors")
+    with pytest.raises(UserError, match=r"lr") as err:
+        train(TrainConfig(**{**asdict(cfg), "lr": 2e-3}))
+    assert str(out / "recovery") in str(err.value)
+    with pytest.raises(UserError, match=r"seed"):
+        train(TrainConfig(**{**asdict(cfg), "seed": 1}))
+    train(TrainConfig(**{**asdict(cfg), "num_workers": 0}))  # the same run again: nothing left to do
+    # tensors, not bytes: safetensors writes its metadata keys in no fixed order
+    assert_same_tensors(out / "model.safetensors", tmp_path / "before.safetensors")
+    assert len(_summary_rows(out)) == 1
+
+
+def test_finetune_on_data_the_model_cannot_take_is_a_user_error(vit_run, tmp_path):
+    from noisynn.data import prepare_digits
+
+    prepare_digits(tmp_path / "digits8", image_size=8)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "digits8"), stage="finetune",
+                      init_checkpoint=str(vit_run.checkpoint), epochs=1)
+    with pytest.raises(UserError, match=r"16×16 px.*8×8 px"):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"noise": {"kind": "gaussian", "sigma": 1.0}, "site": "layer4.0"}, "sigma"),
+        ({"noise": {"kind": "gaussian"}, "site": None}, "site"),
+        ({"noise": {"kind": "gaussian"}, "site": "blocks.0"}, "layer4.0"),  # lists the valid sites
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"init_checkpoint": None}, "init_checkpoint"),
+    ],
+)
+def test_bad_training_settings_are_user_errors(resnet_run, digits_dir, tmp_path, overrides, key):
+    settings = dict(out_dir=str(tmp_path / "run"), data_dir=str(digits_dir), stage="finetune",
+                    init_checkpoint=str(resnet_run.checkpoint), epochs=1)
+    with pytest.raises(UserError, match=key):
+        train(TrainConfig(**{**settings, **overrides}))
+
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_via_cli_ends_with_the_weights_of_an_uninterrupted_run(resnet_run, digits_dir, tmp_path):
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "noisynn", "finetune", "--data", str(digits_dir), "--init", str(resnet_run.checkpoint),
+                "--out", str(out), "--epochs", "6", "--batch-size", "32", "--lr", "5e-4", "--warmup-epochs", "0",
+                "--seed", "5", "--noise", json.dumps({"kind": "impulse", "strength": 0.05}), "--site", resnet_run.last_site,
+                "--noise-at", "train,eval"]
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(reference), capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    deadline = time.monotonic() + 600
+    while not (out / "summary.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the first epoch was summarized"
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-2000:]
+    assert "resume state saved" in stdout
+    assert "Traceback" not in stderr
+    assert not (out / "model.safetensors").exists()
+    assert not _temp_files(out)
+    state = json.loads((out / "recovery" / "state.json").read_text())
+    assert state["epoch"] < 6
+
+    rerun = subprocess.run(command(out), capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stdout
+    assert_same_tensors(out / "model.safetensors", reference / "model.safetensors")
+    assert _without_timing(_summary_rows(out)) == _without_timing(_summary_rows(reference))
+    assert not _temp_files(out)
+
+
+def test_interrupted_copy_of_a_run_folder_resumes_elsewhere(vit_run, digits_dir, tmp_path, uninterrupted_finetune):
+    # a scheduler may restart the job on another node with the folder synced to another path
+    first = tmp_path / "first"
+    with pytest.raises(SystemExit):
+        train(_finetune_config(vit_run, digits_dir, first, stop_after_steps=20))
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    train(_finetune_config(vit_run, digits_dir, moved))
+    assert_same_tensors(moved / "model.safetensors", uninterrupted_finetune / "model.safetensors")

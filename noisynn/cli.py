@@ -56,9 +56,16 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with user errors as one line (the usage block is for --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prepare", help="materialize a dataset split and its manifest")
     p.add_argument("--kind", choices=["digits", "imagefolder"], default="digits")
@@ -144,7 +151,9 @@ def _train(args, stage: str) -> int:
     try:
         train(cfg)
     except SystemExit as e:
-        return int(e.code or 0) if e.code == EXIT_INTERRUPTED else int(e.code or 0)
+        if e.code == EXIT_INTERRUPTED:  # resume state saved; the rerun continues from it
+            return EXIT_INTERRUPTED
+        raise
     return 0
 
 

@@ -140,7 +140,7 @@ def check_models_known(config: dict, source: str, cache_file: Path | None = None
     todo = [n for n in names if n not in known]
     if not todo:
         return
-    code = "import json,sys,timm; a=set(timm.list_models()); print(json.dumps([n for n in sys.argv[1:] if n not in a]))"
+    code = "import json,sys,timm; print(json.dumps([n for n in sys.argv[1:] if not timm.is_model(n)]))"
     out = subprocess.run([sys.executable, "-c", code, *todo], capture_output=True, text=True, check=True)
     unknown = json.loads(out.stdout)
     if unknown:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +42,6 @@ PROTOCOL_DEFS = {
     "class_pure": ("class_pure", None, True),
     "class_mixed": ("class_mixed", None, True),
 }
-
-
-def noise_spec_from_config(noise: dict) -> NoiseSpec:
-    """The NoiseSpec a config's noise dict describes; an unknown key is named, not a TypeError."""
-    if not isinstance(noise, dict):
-        raise UserError(f"noise must be a mapping such as {{'kind': 'linear-optimal', 'axis': 'batch'}}; got {noise!r}.")
-    known = [f.name for f in fields(NoiseSpec)]
-    unknown = sorted(set(noise) - set(known))
-    if unknown:
-        raise UserError(f"noise has unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}.")
-    return NoiseSpec(**noise)
 
 
 class PrefixCache:
@@ -109,7 +97,7 @@ def evaluate_checkpoint(
         raise UserError(f"unknown protocol(s) {', '.join(unknown)}; protocols are {', '.join(PROTOCOLS)}.")
     if int(test_batch_size) < 1:
         raise UserError(f"test_batch_size must be a positive integer; got {test_batch_size}.")
-    spec = noise_spec_from_config(noise)
+    spec = NoiseSpec.from_dict(noise)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_checkpoint(Path(checkpoint))
     data = load_dataset(Path(data_dir), meta["model"], train_augment=False)

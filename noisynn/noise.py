@@ -12,7 +12,7 @@ Every random operator takes an explicit ``torch.Generator`` so that a run is rep
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -174,7 +174,6 @@ class NoiseSpec:
     alpha: float = 0.3
     axis: str = "batch"
     skip_prefix_tokens: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in NOISE_KINDS:
@@ -188,6 +187,17 @@ class NoiseSpec:
             raise UserError(f"noise strength (the impulse probability p) must lie in [0, 1]; got {self.strength}.")
         if self.kind == "gaussian" and self.std < 0:
             raise UserError(f"noise std must be >= 0; got {self.std}.")
+
+    @classmethod
+    def from_dict(cls, noise: dict) -> "NoiseSpec":
+        """The NoiseSpec a config's noise mapping describes; an unknown key is named, not a TypeError."""
+        if not isinstance(noise, dict):
+            raise UserError(f"noise must be a mapping such as {{'kind': 'linear-optimal', 'axis': 'batch'}}; got {noise!r}.")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(noise) - set(known))
+        if unknown:
+            raise UserError(f"noise has unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}.")
+        return cls(**noise)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,8 +30,8 @@ from noisynn.data import load_dataset
 from noisynn.errors import UserError
 from noisynn.inject import inject
 from noisynn.io import atomic_path, atomic_write_json, atomic_write_text, provenance
-from noisynn.evaluate import noise_spec_from_config
 from noisynn.models import build_model, check_model_fits_data, load_checkpoint, save_checkpoint
+from noisynn.noise import NoiseSpec
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the scheduler sees a failure and retries; the retry resumes
 
@@ -79,7 +79,7 @@ class TrainConfig:
             raise UserError(f"label_smoothing must lie in [0, 1); got {self.label_smoothing}.")
         if self.stage == "finetune" and not self.init_checkpoint:
             raise UserError("finetune needs init_checkpoint (the pretrained checkpoint to start from).")
-        spec = noise_spec_from_config(self.noise)
+        spec = NoiseSpec.from_dict(self.noise)
         if spec.kind != "none" and not self.site:
             raise UserError(f"noise kind {spec.kind} needs a site (e.g. blocks.3.attn or layer4.1).")
 
@@ -189,24 +189,33 @@ def _run_identity(cfg: TrainConfig, data_fingerprint: str) -> dict:
     return json.loads(json.dumps({"args": args, "data_fingerprint": data_fingerprint}))
 
 
-def _check_resume_identity(recovery: Path, identity: dict) -> None:
-    """Refuse to resume another run's state (a rerun with changed settings, or on other data)."""
+def _discard_foreign_resume_state(recovery: Path, identity: dict, announce: bool) -> None:
+    """Delete a resume state that belongs to other settings or other data, saying why.
+
+    A workflow reruns a job when its settings change; resuming the old state would then hand back
+    weights trained with the old settings, so the state is dropped and training starts over.
+    """
     meta_path = recovery / "state.json"
     if not meta_path.is_file():
         return
     try:
         saved = json.loads(meta_path.read_text()).get("run")
-    except json.JSONDecodeError as e:
-        raise UserError(f"resume state {meta_path} is not valid JSON ({e.msg}); delete {recovery} to start over.") from None
-    if saved is None or saved == identity:
-        return
-    if saved.get("data_fingerprint") != identity["data_fingerprint"]:
-        raise UserError(f"resume state {meta_path} belongs to a run on other data (dataset fingerprint changed); "
-                        f"delete {recovery} to start over.")
-    changed = sorted(k for k in set(saved["args"]) | set(identity["args"]) if saved["args"].get(k) != identity["args"].get(k))
-    first = changed[0]
-    raise UserError(f"resume state {meta_path} belongs to a run with other settings ({first}: "
-                    f"{saved['args'].get(first)!r} then, {identity['args'].get(first)!r} now); delete {recovery} to start over.")
+        reason = None
+    except json.JSONDecodeError:
+        saved, reason = None, "it is not valid JSON"
+    if reason is None:
+        if saved is None or saved == identity:
+            return
+        if saved.get("data_fingerprint") != identity["data_fingerprint"]:
+            reason = "the dataset fingerprint changed"
+        else:
+            changed = sorted(k for k in set(saved["args"]) | set(identity["args"]) if saved["args"].get(k) != identity["args"].get(k))
+            first = changed[0]
+            reason = f"{first} was {saved['args'].get(first)!r}, now {identity['args'].get(first)!r}"
+    if announce:
+        print(f"noisynn: discarding the resume state in {recovery} ({reason}); training starts over", flush=True)
+        for name in ("state.json", "state.safetensors"):
+            (recovery / name).unlink(missing_ok=True)
 
 
 def _load_resume(recovery: Path, model, optimizer) -> tuple[dict, torch.Tensor | None] | None:
@@ -277,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
     check_model_fits_data(model, what, cfg.data_dir, data.num_classes, data.in_chans, data.image_size)
     model.to(device)
 
-    spec = noise_spec_from_config(cfg.noise)
+    spec = NoiseSpec.from_dict(cfg.noise)
     handle = None
     if spec.kind != "none":
         handle = inject(model, cfg.site, spec, at_train=cfg.apply_noise_at_train, at_eval=cfg.apply_noise_at_eval, seed=cfg.seed)
@@ -292,7 +301,8 @@ def train(cfg: TrainConfig) -> dict:
     rows: list[dict] = []
     start_epoch, start_step = 0, 0
     run_identity = _run_identity(cfg, data.fingerprint)
-    _check_resume_identity(recovery, run_identity)
+    _discard_foreign_resume_state(recovery, run_identity, announce=dist.is_main)
+    dist.barrier()
     resumed = _load_resume(recovery, model, optimizer)
     if resumed is not None:
         meta, noise_rng = resumed

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from workflow_helpers import REPO, copy_repo, snakemake
 
@@ -73,8 +74,12 @@ def test_two_process_finetuning_matches_one_process_and_writes_one_checkpoint(pr
 
 def test_workflow_launches_torchrun_when_a_model_asks_for_two_processes(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    dry = snakemake(repo, "-n", "-p", "--workflow-profile", "none", "--configfile", "config/tiny.yaml",
-                    "--config", "models={vit: {resources: {nproc: 2}}}")
+    # A config file, not `--config models={vit: {resources: {nproc: 2}}}`: Snakemake parses the
+    # nested values of --config as strings, and the config schema wants integers.
+    config = yaml.safe_load((repo / "config/tiny.yaml").read_text())
+    config["models"]["vit"]["resources"] = {"nproc": 2}
+    (repo / "config/tiny-nproc2.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    dry = snakemake(repo, "-n", "-p", "--workflow-profile", "none", "--configfile", "config/tiny-nproc2.yaml")
     output = dry.stdout + dry.stderr
     commands = [line for line in output.splitlines() if line.startswith("Shell command:")
                 and ("-m noisynn pretrain" in line or "-m noisynn finetune" in line)]

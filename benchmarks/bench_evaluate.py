@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VIT, header, prepared_digits  # noqa: E402
+from common import header, prepared_digits, vit  # noqa: E402
 
 from noisynn.evaluate import PROTOCOLS, evaluate_checkpoint  # noqa: E402
 from noisynn.train import TrainConfig, train  # noqa: E402
+
+VIT = vit(32)  # 64 tokens
 
 
 def main() -> None:

@@ -10,11 +10,14 @@ import torch
 
 from noisynn.data import prepare_digits
 
-# ViT-Tiny's depth, width and heads, on 32 px digits cut into 4 px patches (64 tokens)
-VIT = {
-    "timm_name": "vit_tiny_patch16_224",
-    "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3},
-}
+
+
+def vit(image_size: int) -> dict:
+    """ViT-Tiny's depth, width and heads, on digits cut into 4 px patches."""
+    return {
+        "timm_name": "vit_tiny_patch16_224",
+        "kwargs": {"img_size": image_size, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3},
+    }
 
 
 def prepared_digits(workdir: Path, image_size: int = 32) -> Path:

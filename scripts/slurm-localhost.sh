@@ -225,6 +225,7 @@ stop() {
   if [ ! -s "$DAEMONS" ]; then
     say "nothing to stop"
     rm -f "$DAEMONS"
+    remove_own_conf
     return 0
   fi
   # Cancel jobs while slurmctld still runs, so no job step outlives the daemons.
@@ -243,6 +244,15 @@ stop() {
     stop_process "$name" "$pid" "$born"
   done
   rm -f "$DAEMONS" "$SLURM_ROOT/jobs"
+  remove_own_conf
+}
+
+# Leave no slurm.conf of ours behind: with one present and no slurmctld answering, every SLURM
+# client (and Snakemake, whose SLURM plugin asks `scontrol show config` at start) waits ~10 s.
+remove_own_conf() {
+  if [ -f "$CONF" ] && grep -qxF "$OWNER_MARK" "$CONF"; then
+    rm -f "$CONF"
+  fi
 }
 
 status() {

@@ -76,6 +76,19 @@ class SlurmCluster:
         )
         return result.stdout.strip()
 
+    def jobs(self) -> list[dict[str, str]]:
+        """Every job squeue still reports (finished ones for MinJobAge): id, name, comment, state.
+        Snakemake's SLURM plugin names each job after its run (the "SLURM run ID" it prints) and
+        puts `rule_<rule>_wildcards_<values>` in the comment."""
+        result = subprocess.run(
+            ["squeue", "-h", "--states=all", "-o", "%i|%j|%k|%T"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        keys = ("id", "name", "comment", "state")
+        return [dict(zip(keys, line.split("|"))) for line in result.stdout.splitlines()]
+
     def wait_for_job(self, job_id: str, timeout: float = 60) -> str:
         """Poll until the job has finished; return its final state."""
         deadline = time.monotonic() + timeout
@@ -87,28 +100,64 @@ class SlurmCluster:
             time.sleep(0.2)
         raise TimeoutError(f"SLURM job {job_id} still '{state}' after {timeout} s")
 
-    def snakemake(
-        self, workdir: Path, *args: str, timeout: float = SNAKEMAKE_TIMEOUT_S
-    ) -> subprocess.CompletedProcess:
-        """Run Snakemake in `workdir` on this cluster and return the finished process (output
-        in .stdout). The localhost overlay goes in as the workflow profile, which also keeps
-        the repository's profiles/default out of the run."""
+    def snakemake_command(
+        self,
+        *args: str,
+        workflow_profile: Path | str = LOCALHOST_PROFILE,
+        timeout: float = SNAKEMAKE_TIMEOUT_S,
+    ) -> list[str]:
+        """The command line of a Snakemake run on this cluster: profiles/slurm, then
+        `workflow_profile` as the workflow profile (the localhost overlay by default; "none" for
+        profiles/slurm alone, as on a real cluster). Either way the repository's profiles/default
+        stays out of the run."""
         timeout_kill = ["timeout", "-s", "KILL", str(timeout)]
         snakemake = [sys.executable, "-m", "snakemake"]
         profiles = [
             "--profile",
             str(CLUSTER_PROFILE),
             "--workflow-profile",
-            str(LOCALHOST_PROFILE),
+            str(workflow_profile),
         ]
-        command = timeout_kill + snakemake + profiles + list(args)
+        return timeout_kill + snakemake + profiles + list(args)
+
+    def snakemake(
+        self,
+        workdir: Path,
+        *args: str,
+        timeout: float = SNAKEMAKE_TIMEOUT_S,
+        workflow_profile: Path | str = LOCALHOST_PROFILE,
+        env: dict | None = None,
+    ) -> subprocess.CompletedProcess:
+        """Run Snakemake in `workdir` on this cluster and return the finished process (output
+        in .stdout)."""
         return subprocess.run(
-            command,
+            self.snakemake_command(
+                *args, workflow_profile=workflow_profile, timeout=timeout
+            ),
             cwd=workdir,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         )
+
+    def start_snakemake(
+        self,
+        workdir: Path,
+        *args: str,
+        output: Path,
+        timeout: float = SNAKEMAKE_TIMEOUT_S,
+    ) -> subprocess.Popen:
+        """Start Snakemake in `workdir` on this cluster (localhost overlay) in the background,
+        its output going to the file `output`; the caller waits for it."""
+        with open(output, "w") as sink:
+            return subprocess.Popen(
+                self.snakemake_command(*args, timeout=timeout),
+                cwd=workdir,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import yaml
 
 from workflow_helpers import REPO, copy_repo, snakemake
 
-# The tiny config's ViT at 8 px: a few seconds per epoch on one CPU.
+# The tiny config's ViT at 8 px: under a second per epoch on one CPU.
 VIT_8PX = {
     "timm_name": "vit_tiny_patch16_224",
     "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2},
@@ -29,7 +29,10 @@ FINETUNE_ARGS = ["--epochs", "2", "--batch-size", "64", "--lr", "3e-4", "--warmu
 
 def noisynn(*args: str, launcher: list[str] | None = None, timeout: float = 300) -> str:
     """Run `python [launcher] -m noisynn args` with the repository importable; return its output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # One thread per process, as Snakemake gives its jobs (and torchrun its workers): on a busy
+    # two-core machine, two threads per process make these tiny models several times slower.
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, *(launcher or []), "-m", "noisynn", *args]
     ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert ran.returncode == 0, f"{' '.join(command)} failed ({ran.returncode}):\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
@@ -48,7 +51,7 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path]:
     data = root / "data"
     noisynn("prepare", "--kind", "digits", "--image-size", "8", "--seed", "0", "--out", str(data))
     noisynn("pretrain", "--data", str(data), "--out", str(root / "pretrain"), "--model", json.dumps(VIT_8PX),
-            "--epochs", "4", "--batch-size", "64", "--lr", "3e-3", "--warmup-epochs", "0", "--seed", "0")
+            "--epochs", "8", "--batch-size", "64", "--lr", "3e-3", "--warmup-epochs", "0", "--seed", "0")
     return data, root / "pretrain" / "model.safetensors"
 
 
@@ -68,14 +71,14 @@ def test_two_process_finetuning_matches_one_process_and_writes_one_checkpoint(pr
 
     one = clean_top1(single / "model.safetensors", data, tmp_path / "one.json")
     two = clean_top1(double / "model.safetensors", data, tmp_path / "two.json")
-    assert one > 0.3, f"the pretrained start is too weak for the comparison to mean anything ({one:.3f})"
+    assert one > 0.4, f"the model is too weak for the comparison to mean anything ({one:.3f}; chance is 0.1)"
     assert abs(one - two) <= 0.01, f"clean top-1: {one:.4f} with one process, {two:.4f} with two"
 
 
 def test_workflow_launches_torchrun_when_a_model_asks_for_two_processes(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    # A config file, not `--config models={vit: {resources: {nproc: 2}}}`: Snakemake parses the
-    # nested values of --config as strings, and the config schema wants integers.
+    # A config file, not `--config models={vit: {resources: {nproc: 2}}}`: Snakemake reads the
+    # nested values of --config as strings, so nproc would be '2'.
     config = yaml.safe_load((repo / "config/tiny.yaml").read_text())
     config["models"]["vit"]["resources"] = {"nproc": 2}
     (repo / "config/tiny-nproc2.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -46,11 +46,15 @@ def q(value):
 
 
 def launcher(resources):
-    """`python -m noisynn`, or torchrun over the job's GPUs (or CPU processes, with gloo)."""
+    """`python -m noisynn`, or torchrun over the job's GPUs (or CPU processes, with gloo).
+
+    `exec`: Python replaces the job's shell, so a scheduler's SIGTERM (time limit, scancel)
+    reaches it inside the job step, which then waits for the resume state to be saved.
+    """
     procs = int(resources.get("gpu", 0) or 0) or int(resources.get("nproc", 1) or 1)
     if procs > 1:
-        return f"python -m torch.distributed.run --standalone --nproc_per_node={procs} -m noisynn"
-    return "python -m noisynn"
+        return f"exec python -m torch.distributed.run --standalone --nproc_per_node={procs} -m noisynn"
+    return "exec python -m noisynn"
 
 
 def training_args(section):
@@ -65,6 +69,16 @@ def training_args(section):
 
 def model_resources(model, key, default):
     return CFG["models"][model].get("resources", {}).get(key, default)
+
+
+# A pretraining that only wraps downloaded weights (skip_pretrain) needs no GPU and little time.
+WRAP_ONLY = {"gpu": 0, "nproc": 1, "threads": 1, "mem_mb": 16000, "runtime": 30}
+
+
+def pretrain_resources(model, key, default):
+    if CFG["models"][model]["skip_pretrain"]:
+        return WRAP_ONLY[key]
+    return model_resources(model, key, default)
 
 
 def prepare_args():

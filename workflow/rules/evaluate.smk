@@ -22,7 +22,7 @@ rule evaluate:
         batch=CFG["evaluate"]["test_batch_size"],
         workers=CFG["evaluate"]["num_workers"],
     shell:
-        "python -m noisynn evaluate --checkpoint {input.checkpoint} --data {input.data} "
+        "exec python -m noisynn evaluate --checkpoint {input.checkpoint} --data {input.data} "
         "--out {output.evaluation} --noise {params.noise} {params.site} "
         "--protocols {params.protocols} --test-batch-size {params.batch} "
         "--seed {wildcards.seed} --num-workers {params.workers} > {log} 2>&1"

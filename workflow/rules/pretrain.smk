@@ -10,15 +10,15 @@ rule pretrain:
         f"logs/pretrain/{DATASET}/{{model}}.benchmark.tsv"
     conda:
         CONDA_ENV
-    threads: lambda wildcards: model_resources(wildcards.model, "threads", 1)
+    threads: lambda wildcards: pretrain_resources(wildcards.model, "threads", 1)
     resources:
-        gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
-        nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),
-        mem_mb=lambda wildcards, attempt: model_resources(
+        gpu=lambda wildcards: pretrain_resources(wildcards.model, "gpu", 0),
+        nproc=lambda wildcards: pretrain_resources(wildcards.model, "nproc", 1),
+        mem_mb=lambda wildcards, attempt: pretrain_resources(
             wildcards.model, "mem_mb", 4000
         )
         * attempt,
-        runtime=lambda wildcards, attempt: model_resources(
+        runtime=lambda wildcards, attempt: pretrain_resources(
             wildcards.model, "runtime", 60
         )
         * attempt,

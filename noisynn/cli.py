@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from noisynn.errors import UserError
+from noisynn.evaluate import PROTOCOLS
 
 
 def _json_arg(what: str):
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, help="optional .npz of each protocol's predictions")
     p.add_argument("--noise", type=_json_arg("--noise"), default={"kind": "none"})
     p.add_argument("--site", default=None)
-    p.add_argument("--protocols", default=",".join(("clean", "released", "shuffled", "batch1", "class_pure", "class_mixed")))
+    p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset of " + ",".join(PROTOCOLS))
     p.add_argument("--test-batch-size", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["test", "val"], default="test")
@@ -201,7 +202,10 @@ def _sites(args) -> int:
     from noisynn.inject import valid_sites
     from noisynn.models import build_model
 
-    model = build_model({**args.model, "pretrained": None}, args.model.get("kwargs", {}).get("num_classes", 10), args.model.get("kwargs", {}).get("in_chans", 3))
+    kwargs = args.model.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise UserError(f"--model kwargs must be a JSON object; got {kwargs!r}.")
+    model = build_model({**args.model, "kwargs": kwargs, "pretrained": None}, kwargs.get("num_classes", 10), kwargs.get("in_chans", 3))
     print("\n".join(valid_sites(model)))
     return 0
 
@@ -244,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             make_figures(args.evaluations, args.paper, args.out_dir, args.dataset)
             return 0
     except UserError as e:
-        print(f"noisynn: error: {e}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep its sentence
+            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"noisynn: error: {message}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2
+    raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 
 
 if __name__ == "__main__":

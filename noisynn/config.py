@@ -2,8 +2,9 @@
 
 The JSON Schema in ``workflow/schemas/config.schema.yaml`` says what each key must be; this module
 turns the first violation into a sentence naming the file, the key and what was expected, and adds
-the checks a schema cannot make (a model timm does not know, a dataset folder that is missing, a
-site that the model does not have the depth for).
+the checks a schema cannot make (a model timm does not know, a dataset folder that is missing,
+noise settings that need a key their kind implies). Sites are checked against the built model by
+the first job that uses them.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def _apply_defaults(schema: dict, instance, root: dict):
         schema = root["$defs"][schema["$ref"].split("/")[-1]]
     if isinstance(instance, dict):
         for key, sub in schema.get("properties", {}).items():
-            if key not in instance and "default" in sub:
-                instance[key] = copy.deepcopy(sub["default"])
+            resolved = root["$defs"][sub["$ref"].split("/")[-1]] if "$ref" in sub else sub
+            if key not in instance and "default" in resolved:
+                instance[key] = copy.deepcopy(resolved["default"])
             if key in instance:
                 _apply_defaults(sub, instance[key], root)
         extra = schema.get("additionalProperties")
@@ -141,7 +143,10 @@ def check_models_known(config: dict, source: str, cache_file: Path | None = None
     if not todo:
         return
     code = "import json,sys,timm; print(json.dumps([n for n in sys.argv[1:] if not timm.is_model(n)]))"
-    out = subprocess.run([sys.executable, "-c", code, *todo], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, *todo], capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{source}: the model names could not be checked because timm does not import ({last}).")
     unknown = json.loads(out.stdout)
     if unknown:
         model = next(k for k, m in config["models"].items() if m["timm_name"] == unknown[0])

@@ -16,6 +16,8 @@ memory-mapped file when it is large); only the part after the site runs once per
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from noisynn.data import load_dataset, released_metric, test_batches
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import check_site, forward_prefix, forward_suffix, inject
+from noisynn.inject import forward_prefix, forward_suffix, inject
 from noisynn.io import provenance
 from noisynn.models import check_model_fits_data, load_checkpoint
 from noisynn.noise import NoiseSpec, mixed_axis_size
@@ -44,14 +46,25 @@ PROTOCOL_DEFS = {
 }
 
 
+class _NoRoom(Exception):
+    pass
+
+
 class PrefixCache:
-    """The cache-point activations of every test image, in RAM or in a memory-mapped temp file."""
+    """The cache-point activations of every test image, in RAM or in a memory-mapped temp file.
+
+    The file goes to $SLURM_TMPDIR (a job's node-local disk) when set, else to $TMPDIR or /tmp.
+    """
 
     def __init__(self, n: int, sample_shape: tuple[int, ...], max_bytes: int):
         nbytes = n * int(np.prod(sample_shape)) * 4
         self.on_disk = nbytes > max_bytes
         if self.on_disk:
-            self._tmp = tempfile.TemporaryDirectory(prefix="noisynn-prefix-")
+            where = os.environ.get("SLURM_TMPDIR") or tempfile.gettempdir()
+            free = shutil.disk_usage(where).free
+            if free < nbytes * 1.05:
+                raise _NoRoom(f"the prefix cache needs {nbytes / 2**30:.1f} GiB but {where} has {free / 2**30:.1f} GiB free")
+            self._tmp = tempfile.TemporaryDirectory(prefix="noisynn-prefix-", dir=where)
             self.array = np.lib.format.open_memmap(Path(self._tmp.name) / "prefix.npy", mode="w+", dtype=np.float32,
                                                    shape=(n, *sample_shape))
         else:
@@ -100,15 +113,14 @@ def evaluate_checkpoint(
     spec = NoiseSpec.from_dict(noise)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_checkpoint(Path(checkpoint))
-    data = load_dataset(Path(data_dir), meta["model"], train_augment=False)
-    if data.num_classes != meta["num_classes"]:
-        raise UserError(f"checkpoint {checkpoint} has {meta['num_classes']} classes but dataset {data_dir} has {data.num_classes}.")
+    if spec.kind != "none" and not site:
+        raise UserError(f"noise kind {spec.kind} needs a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
+    data = load_dataset(Path(data_dir), meta["model"], train_augment=False, splits=("val",))
     check_model_fits_data(model, f"checkpoint {checkpoint}", data_dir, data.num_classes, data.in_chans, data.image_size)
     test = {"test": data.test, "val": data.val}[split]
     labels = np.asarray(test.labels)
     model.to(dev).eval()
     site = site or "image"
-    check_site(model, site)
     handle = inject(model, site, spec, at_train=False, at_eval=True, seed=seed)
 
     t0 = time.time()
@@ -119,7 +131,11 @@ def evaluate_checkpoint(
         for idx, (x, _) in zip(chunks, test.batches(chunks, num_workers)):
             h = forward_prefix(model, site, x.to(dev))
             if cache is None:
-                cache = PrefixCache(len(labels), tuple(h.shape[1:]), max_cache_bytes)
+                try:
+                    cache = PrefixCache(len(labels), tuple(h.shape[1:]), max_cache_bytes)
+                except _NoRoom as e:
+                    print(f"noisynn: {e}; every protocol runs the whole network instead", flush=True)
+                    break
             cache.put(idx, h)
     prefix_seconds = time.time() - t0
 
@@ -138,7 +154,7 @@ def evaluate_checkpoint(
         for b, (x, y) in zip(batches, source):
             x = x.to(dev)
             logits = forward_suffix(model, site, x) if cache else model(x)
-            sample_shape = tuple(x.shape)
+            sample_shape = handle.last_input_shape or sample_shape
             c1, c5 = _topk_correct(logits.float().cpu(), y.cpu(), 5)
             pred[b] = logits.argmax(-1).cpu().numpy()
             top1_per_batch.append(int(c1.sum()))
@@ -146,7 +162,8 @@ def evaluate_checkpoint(
             top1_all += int(c1.sum())
             top5_all += int(c5.sum())
         n = int(sum(sizes))
-        k = mixed_axis_size(spec, (bs, *sample_shape[1:]), handle.num_prefix_tokens) if noise_on else None
+        # k as the operator saw it at the site (for the batch axis: the full batch size)
+        k = mixed_axis_size(spec, (bs, *sample_shape[1:]), handle.num_prefix_tokens) if noise_on and sample_shape else None
         results[name] = {
             "order": order,
             "batch_size": bs,

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 
 from noisynn.errors import UserError
+from noisynn.evaluate import PROTOCOLS
 from noisynn.io import atomic_path, atomic_write_json, atomic_write_text
 
-PROTOCOLS = ("clean", "released", "shuffled", "batch1", "class_pure", "class_mixed")
 NOISY_PROTOCOLS = PROTOCOLS[1:]
 STRENGTH_PROTOCOLS = ("clean", "released", "shuffled", "batch1")
 KIND_ORDER = ("none", "gaussian", "impulse", "linear-optimal", "linear-shift")

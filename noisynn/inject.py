@@ -90,6 +90,7 @@ class Injection:
         self.seed = seed
         self.num_prefix_tokens = num_prefix_tokens_at(model, site)
         self._generator: torch.Generator | None = None
+        self.last_input_shape: tuple[int, ...] | None = None  # what the noise last acted on
         self._handle = _site_module(model, site).register_forward_pre_hook(self._hook)
 
     def active(self) -> bool:
@@ -119,6 +120,7 @@ class Injection:
         if not self.active():
             return None
         x = args[0]
+        self.last_input_shape = tuple(x.shape)
         gen = self.generator(x.device) if self.spec.is_random else None
         return (apply_noise(self.spec, x, gen, self.num_prefix_tokens), *args[1:])
 

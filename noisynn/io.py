@@ -25,6 +25,9 @@ def atomic_path(final: Path):
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
+        # on disk before the rename, so a node crash cannot leave an empty file under the final name
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

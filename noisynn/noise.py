@@ -176,6 +176,10 @@ class NoiseSpec:
     skip_prefix_tokens: bool = True
 
     def __post_init__(self):
+        for name in ("strength", "mean", "std", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"noise {name} must be a number; got {value!r}.")
         if self.kind not in NOISE_KINDS:
             raise UserError(f"noise kind must be one of {', '.join(NOISE_KINDS)}; got {self.kind!r}.")
         if self.kind.startswith("linear") and self.axis not in AXES:
@@ -205,18 +209,6 @@ class NoiseSpec:
     @property
     def is_random(self) -> bool:
         return self.kind in ("gaussian", "impulse")
-
-    def label(self) -> str:
-        """A short human label (used in tables and figures)."""
-        if self.kind == "none":
-            return "none"
-        if self.kind == "gaussian":
-            return f"gaussian s={self.strength:g}"
-        if self.kind == "impulse":
-            return f"impulse p={self.strength:g}"
-        if self.kind == "linear-shift":
-            return f"linear-shift a={self.alpha:g} ({self.axis})"
-        return f"linear-optimal ({self.axis})"
 
 
 def apply_noise(

@@ -12,10 +12,12 @@ every global batch of ``batch_size`` samples is split across the processes, and 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,12 +127,21 @@ class _Distributed:
         if self.enabled:
             torch.distributed.barrier()
 
-    def any_flag(self, flag: bool) -> bool:
+    def any_flag(self, flag: bool, device: torch.device) -> bool:
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        # on the training device: NCCL reduces CUDA tensors only
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
         torch.distributed.all_reduce(t)
         return bool(t.item() > 0)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over the processes (the epoch's loss and accuracy counts)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
 
     def close(self):
         if self.enabled:
@@ -173,9 +184,11 @@ def _save_resume(recovery: Path, model, optimizer, noise_rng, progress: dict) ->
     from safetensors.torch import save_file
 
     tensors, scalars = _state_tensors(model, optimizer, noise_rng)
+    # the position is written into both files: a kill between the two renames leaves a pair
+    # that disagrees, which loading detects instead of resuming on mismatched state
+    position = {"epoch": str(progress["epoch"]), "step": str(progress["step"])}
     with atomic_path(recovery / "state.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    # the JSON is written last: a state.json always describes a complete state.safetensors
+        save_file(tensors, str(tmp), metadata=position)
     atomic_write_json(recovery / "state.json", {**progress, "optimizer": scalars})
 
 
@@ -183,14 +196,29 @@ def _save_resume(recovery: Path, model, optimizer, noise_rng, progress: dict) ->
 _RESUME_FREE_KEYS = ("out_dir", "data_dir", "num_workers", "stop_after_steps")
 
 
-def _run_identity(cfg: TrainConfig, data_fingerprint: str) -> dict:
-    """What a resume state belongs to: the settings that decide the weights, and the data."""
+def _run_identity(cfg: TrainConfig, data_fingerprint: str, world_size: int) -> dict:
+    """What a resume state belongs to: the settings that decide the weights, the data, the start."""
     args = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE_KEYS}
-    return json.loads(json.dumps({"args": args, "data_fingerprint": data_fingerprint}))
+    init = None
+    if cfg.init_checkpoint:
+        digest = hashlib.sha256()
+        with open(cfg.init_checkpoint, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+        init = digest.hexdigest()
+    identity = {"args": args, "data_fingerprint": data_fingerprint, "init_sha256": init, "world_size": world_size}
+    return json.loads(json.dumps(identity))
 
 
-def _discard_foreign_resume_state(recovery: Path, identity: dict, announce: bool) -> None:
-    """Delete a resume state that belongs to other settings or other data, saying why.
+def _drop_state(recovery: Path, reason: str, is_main: bool) -> None:
+    if is_main:
+        print(f"noisynn: discarding the resume state in {recovery} ({reason}); training starts over", flush=True)
+        for name in ("state.json", "state.safetensors"):
+            (recovery / name).unlink(missing_ok=True)
+
+
+def _discard_foreign_resume_state(recovery: Path, identity: dict, is_main: bool) -> None:
+    """Delete a resume state that belongs to other settings, data or starting weights, saying why.
 
     A workflow reruns a job when its settings change; resuming the old state would then hand back
     weights trained with the old settings, so the state is dropped and training starts over.
@@ -200,32 +228,42 @@ def _discard_foreign_resume_state(recovery: Path, identity: dict, announce: bool
         return
     try:
         saved = json.loads(meta_path.read_text()).get("run")
-        reason = None
     except json.JSONDecodeError:
-        saved, reason = None, "it is not valid JSON"
-    if reason is None:
-        if saved is None or saved == identity:
-            return
-        if saved.get("data_fingerprint") != identity["data_fingerprint"]:
-            reason = "the dataset fingerprint changed"
-        else:
-            changed = sorted(k for k in set(saved["args"]) | set(identity["args"]) if saved["args"].get(k) != identity["args"].get(k))
-            first = changed[0]
-            reason = f"{first} was {saved['args'].get(first)!r}, now {identity['args'].get(first)!r}"
-    if announce:
-        print(f"noisynn: discarding the resume state in {recovery} ({reason}); training starts over", flush=True)
-        for name in ("state.json", "state.safetensors"):
-            (recovery / name).unlink(missing_ok=True)
+        return _drop_state(recovery, "state.json is not valid JSON", is_main)
+    if saved is None or saved == identity:
+        return
+    if saved.get("data_fingerprint") != identity["data_fingerprint"]:
+        reason = "the dataset fingerprint changed"
+    elif saved.get("init_sha256") != identity["init_sha256"]:
+        reason = "the starting checkpoint changed"
+    elif saved.get("world_size") != identity["world_size"]:
+        reason = f"{saved.get('world_size')} processes then, {identity['world_size']} now"
+    else:
+        old, new = saved.get("args", {}), identity["args"]
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        reason = f"{changed[0]} was {old.get(changed[0])!r}, now {new.get(changed[0])!r}" if changed else "other settings"
+    _drop_state(recovery, reason, is_main)
 
 
-def _load_resume(recovery: Path, model, optimizer) -> tuple[dict, torch.Tensor | None] | None:
+def _load_resume(recovery: Path, model, optimizer, is_main: bool) -> tuple[dict, torch.Tensor | None] | None:
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     meta_path = recovery / "state.json"
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(recovery / "state.safetensors"))
+    weights = recovery / "state.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            position = fh.metadata() or {}
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError) as e:
+        _drop_state(recovery, f"state.safetensors unreadable: {e}", is_main)
+        return None
+    if position and (position.get("epoch"), position.get("step")) != (str(meta["epoch"]), str(meta["step"])):
+        _drop_state(recovery, "state.json and state.safetensors are from different saves", is_main)
+        return None
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
     for pid, keys in meta["optimizer"]["state_keys"].items():
@@ -236,14 +274,14 @@ def _load_resume(recovery: Path, model, optimizer) -> tuple[dict, torch.Tensor |
 
 
 @torch.no_grad()
-def accuracy(model, split, batch_size: int, device, order_seed: int | None = None) -> float:
+def accuracy(model, split, batch_size: int, device, order_seed: int | None = None, num_workers: int = 0) -> float:
     """Top-1 accuracy on a split (sequential order, or shuffled from ``order_seed``)."""
     model.eval()
     n = len(split)
     idx = np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
     batches = [idx[i : i + batch_size] for i in range(0, n, batch_size)]
     correct = 0
-    for x, y in split.batches(batches):
+    for x, y in split.batches(batches, num_workers):
         logits = model(x.to(device, non_blocking=True))
         correct += int((logits.argmax(-1).cpu() == y).sum())
     return correct / max(1, n)
@@ -277,9 +315,6 @@ def train(cfg: TrainConfig) -> dict:
         init_meta = None
         model_cfg = cfg.model
     data = load_dataset(Path(cfg.data_dir), model_cfg)
-    if init_meta and init_meta.get("data_fingerprint") not in (None, data.fingerprint) and init_meta.get("stage") == "pretrain":
-        # fine-tuning on another dataset than the pretraining is legitimate; recorded, not refused
-        pass
     if cfg.stage == "pretrain":
         model = build_model(model_cfg, data.num_classes, data.in_chans)
     what = f"checkpoint {cfg.init_checkpoint}" if cfg.stage == "finetune" else f"model {model_cfg.get('timm_name')}"
@@ -289,21 +324,24 @@ def train(cfg: TrainConfig) -> dict:
     spec = NoiseSpec.from_dict(cfg.noise)
     handle = None
     if spec.kind != "none":
-        handle = inject(model, cfg.site, spec, at_train=cfg.apply_noise_at_train, at_eval=cfg.apply_noise_at_eval, seed=cfg.seed)
+        handle = inject(model, cfg.site, spec, at_train=cfg.apply_noise_at_train, at_eval=cfg.apply_noise_at_eval, seed=cfg.seed + dist.rank)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_model = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        if device.type == "cuda":  # SyncBatchNorm runs on GPUs only
+            # one set of BatchNorm statistics over the whole global batch, not per shard
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     rows: list[dict] = []
     start_epoch, start_step = 0, 0
-    run_identity = _run_identity(cfg, data.fingerprint)
-    _discard_foreign_resume_state(recovery, run_identity, announce=dist.is_main)
+    run_identity = _run_identity(cfg, data.fingerprint, dist.world)
+    _discard_foreign_resume_state(recovery, run_identity, dist.is_main)
     dist.barrier()
-    resumed = _load_resume(recovery, model, optimizer)
+    resumed = _load_resume(recovery, model, optimizer, dist.is_main)
     if resumed is not None:
         meta, noise_rng = resumed
         start_epoch, start_step, rows = meta["epoch"], meta["step"], meta["rows"]
@@ -329,14 +367,15 @@ def train(cfg: TrainConfig) -> dict:
             batches = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)
             first = start_step if epoch == start_epoch else 0
             if dist.enabled:
-                batches = [b[dist.rank :: dist.world] for b in batches]
+                # equal shards: the incomplete last batch is dropped, as DistributedSampler(drop_last) does
+                batches = [b[dist.rank :: dist.world] for b in batches if len(b) == cfg.batch_size]
             train_model.train()
             t0 = time.time()
             loss_sum, correct, seen = 0.0, 0, 0
             if epoch == start_epoch and first and rows and rows[-1].get("_partial"):
                 part = rows.pop()
                 loss_sum, correct, seen = part["_loss_sum"], part["_correct"], part["_seen"]
-            bar = tqdm(data.train.batches(batches[first:], cfg.num_workers), total=len(batches) - first,
+            bar = tqdm(data.train.batches(batches[first:], cfg.num_workers, seed=cfg.seed * 10_007 + epoch), total=len(batches) - first,
                        desc=f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False, mininterval=2)
             for step, (x, y) in enumerate(bar, start=first):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -351,14 +390,16 @@ def train(cfg: TrainConfig) -> dict:
                 seen += len(y)
                 steps_done += 1
                 interrupted = stop.raised or (cfg.stop_after_steps is not None and steps_done >= cfg.stop_after_steps)
-                if dist.any_flag(interrupted):
+                if dist.any_flag(interrupted, device):
                     if dist.is_main:
                         partial = {"_partial": True, "_loss_sum": loss_sum, "_correct": correct, "_seen": seen}
                         rng = handle.get_rng_state() if handle else None
                         _save_resume(recovery, model, optimizer, rng, {"epoch": epoch, "step": step + 1, "rows": rows + [partial],
                                                                       "run": run_identity})
                         print(f"noisynn: interrupted; resume state saved at epoch {epoch} step {step + 1}", flush=True)
+                    dist.barrier()  # no process exits (and takes the group down) before the save is complete
                     raise SystemExit(EXIT_INTERRUPTED)
+            loss_sum, correct, seen = dist.sum([loss_sum, correct, seen], device)
             row = {
                 "epoch": epoch + 1,
                 "lr": lr,
@@ -370,11 +411,11 @@ def train(cfg: TrainConfig) -> dict:
             }
             if handle is not None:
                 handle.enabled = False
-            row["val_top1_clean"] = accuracy(model, data.val, 256, device)
+            row["val_top1_clean"] = accuracy(model, data.val, 256, device, num_workers=cfg.num_workers)
             if handle is not None:
                 handle.enabled = True
                 if cfg.apply_noise_at_eval:
-                    row["val_top1_noisy"] = accuracy(model, data.val, cfg.eval_batch_size, device, order_seed=cfg.seed)
+                    row["val_top1_noisy"] = accuracy(model, data.val, cfg.eval_batch_size, device, order_seed=cfg.seed, num_workers=cfg.num_workers)
             rows.append(row)
             if dist.is_main:
                 print(f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
@@ -404,6 +445,8 @@ def train(cfg: TrainConfig) -> dict:
             **provenance(cfg.seed),
         }
         save_checkpoint(model, out / "model.safetensors", meta)
+        # the run is finished: its resume state must not be taken up by a later run of this folder
+        shutil.rmtree(recovery, ignore_errors=True)
     dist.barrier()
     dist.close()
     return result

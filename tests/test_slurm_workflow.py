@@ -243,7 +243,7 @@ def test_paper_config_training_jobs_request_the_declared_resources(slurm_cluster
     paper = yaml.safe_load((repo / "config/paper-imagenet.yaml").read_text())
     models = paper["models"]
     dataset_root = f"dataset={{root: {imagenet}}}"
-    snakemake(repo, "results/imagenet/data", "--cores", "1", "--workflow-profile", "none",
+    snakemake(repo, "results/imagenet1k/data", "--cores", "1", "--workflow-profile", "none",
               "--configfile", "config/paper-imagenet.yaml", "--config", dataset_root)
 
     bin_dir, record = tmp_path / "bin", tmp_path / "sbatch-calls.jsonl"
@@ -261,7 +261,7 @@ def test_paper_config_training_jobs_request_the_declared_resources(slurm_cluster
         assert run.returncode == 1 and "SLURM sbatch failed" in run.stdout, run.stdout[-3000:]
 
     # Fine-tuning: stand-ins for the pretrained weights make every fine-tuning ready at once.
-    stand_ins = [repo / f"results/imagenet/{m}/pretrain/{name}" for m in models for name in ("model.safetensors", "model.json")]
+    stand_ins = [repo / f"results/imagenet1k/{m}/pretrain/{name}" for m in models for name in ("model.safetensors", "model.json")]
     for path in stand_ins:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
@@ -271,7 +271,7 @@ def test_paper_config_training_jobs_request_the_declared_resources(slurm_cluster
     # Pretraining is a training job only for models that do not skip it; the paper's all do.
     pretraining = {**paper, "models": {m: {**c, "skip_pretrain": False} for m, c in models.items()}}
     (repo / "config/paper-pretraining.yaml").write_text(yaml.safe_dump(pretraining, sort_keys=False))
-    submit_all(*(f"results/imagenet/{m}/pretrain/model.safetensors" for m in models),
+    submit_all(*(f"results/imagenet1k/{m}/pretrain/model.safetensors" for m in models),
                "--configfile", "config/paper-pretraining.yaml")
 
     calls = sbatch_calls(record)

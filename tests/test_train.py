@@ -141,20 +141,24 @@ def test_pretrain_run_folder_has_one_summary_row_per_epoch(vit_run):
     assert not _temp_files(vit_run.run_dir)
 
 
-def test_rerun_with_other_settings_starts_over_and_same_settings_change_nothing(digits_dir, resnet_run, tmp_path, capsys):
+def test_rerun_with_other_settings_starts_over_and_same_settings_give_the_same_weights(digits_dir, resnet_run, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = TrainConfig(out_dir=str(out), data_dir=str(digits_dir), stage="finetune", init_checkpoint=str(resnet_run.checkpoint),
                       epochs=1, batch_size=64, lr=1e-3, warmup_epochs=0)
     train(cfg)
     shutil.copy(out / "model.safetensors", tmp_path / "before.safetensors")
-    capsys.readouterr()
-    train(TrainConfig(**{**asdict(cfg), "num_workers": 0}))  # the same run again: nothing left to do
-    assert "resuming" in capsys.readouterr().out
+    assert not (out / "recovery").exists()  # a finished run leaves no state for a later run to take up
+    train(TrainConfig(**{**asdict(cfg), "num_workers": 0}))  # the same run again: the same weights
     assert_same_tensors(out / "model.safetensors", tmp_path / "before.safetensors")
     assert len(_summary_rows(out)) == 1
 
+    # an interrupted run whose settings then change must not resume the old state
+    with pytest.raises(SystemExit):
+        train(TrainConfig(**{**asdict(cfg), "epochs": 2, "stop_after_steps": 20}))
+    capsys.readouterr()
+
     # a workflow rerun after a settings change must not hand back the old weights
-    changed = TrainConfig(**{**asdict(cfg), "lr": 2e-3})
+    changed = TrainConfig(**{**asdict(cfg), "epochs": 2, "lr": 2e-3})
     train(changed)
     log = capsys.readouterr().out
     assert "discarding the resume state" in log and "lr was 0.001, now 0.002" in log

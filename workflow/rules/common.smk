@@ -41,8 +41,11 @@ wildcard_constraints:
 
 
 def q(value):
-    """Shell-quote a value (JSON for dicts and lists)."""
-    return shlex.quote(value if isinstance(value, str) else json.dumps(value))
+    """Shell-quote a value (JSON for dicts and lists, keys sorted: the order of keys in the YAML
+    must not change a job's params, or Snakemake would rerun it)."""
+    return shlex.quote(
+        value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    )
 
 
 def launcher(resources):
@@ -109,7 +112,11 @@ def pretrain_epochs(wildcards):
 
 
 def noise_json(wildcards):
-    return q(GRID.noises.get(wildcards.noise, {"kind": "none"}))
+    if wildcards.noise == "none":
+        return q({"kind": "none"})
+    if wildcards.noise not in GRID.noises:
+        raise ValueError(f"noise {wildcards.noise!r} is not in the config's grid")
+    return q(GRID.noises[wildcards.noise])
 
 
 def site_arg(wildcards):

@@ -5,6 +5,10 @@ rule prepare_data:
         f"logs/prepare_data/{DATASET}.log",
     conda:
         CONDA_ENV
+    resources:
+        # hashing and (optionally) opening every image of ImageNet takes a while
+        mem_mb=16000,
+        runtime=lambda wildcards, attempt: 240 * attempt,
     params:
         args=prepare_args(),
     shell:

@@ -30,14 +30,6 @@ KS = range(2, 65)
 ALPHAS = [0.0, 0.1, 0.3, 0.49, 0.5, 0.51, 0.7, 0.9, 1.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation, which stalls
-    badly on a busy 2-core machine. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _assert_user_error(excinfo, *fragments: str) -> None:

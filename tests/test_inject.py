@@ -32,14 +32,6 @@ OPTIMAL_BATCH = NoiseSpec("linear-optimal", axis="batch")
 GAUSSIAN = NoiseSpec("gaussian", strength=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add synchronisation, which stalls
-    badly on a busy 2-core machine. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _small_vit() -> nn.Module:

@@ -149,13 +149,16 @@ class _ImageFiles(torch.utils.data.Dataset):
                             "dataset with verify_images: true and on_bad_image: skip.") from None
         # the augmentation of a sample is a function of (seed, sample) alone: the same after a
         # resume and for any number of workers; the caller's random streams are left untouched
-        state = random.getstate()
+        # (timm's transforms draw from random, numpy and torch)
+        state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            sample_seed = (self.seed * 1_000_003 + i) % 2**63
+            sample_seed = (self.seed * 1_000_003 + i) % 2**32
             random.seed(sample_seed)
+            np.random.seed(sample_seed)
             torch.manual_seed(sample_seed)
             out = self.transform(image)
         random.setstate(state)
+        np.random.set_state(np_state)
         return out, label
 
 

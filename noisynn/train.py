@@ -303,6 +303,9 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     recovery = out / "recovery"
     dist = _Distributed()
+    if dist.enabled and cfg.batch_size % dist.world:
+        raise UserError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world} processes; "
+                        f"use a multiple of {dist.world}.")
     device = dist.device()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))

@@ -290,3 +290,41 @@ def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path / "manifest.json")):
         load_dataset(tmp_path)
 
+
+
+def test_image_folder_augmentation_is_a_function_of_seed_and_sample(image_folder, tmp_path):
+    """Resuming mid-epoch, or another number of workers, must not change what a sample looks like."""
+    import random
+
+    import torch
+
+    prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
+    data = load_dataset(tmp_path / "prepared", {"timm_name": "resnet18"}, train_augment=True)
+    everything = [np.arange(9)]
+    first, _ = next(data.train.batches(everything, num_workers=0, seed=5))
+    random.random(), torch.rand(3)  # other draws in between change nothing
+    again, _ = next(data.train.batches(everything, num_workers=0, seed=5))
+    tail, _ = next(data.train.batches([np.arange(4, 9)], num_workers=2, seed=5))
+    other, _ = next(data.train.batches(everything, num_workers=0, seed=6))
+    assert torch.equal(first, again)
+    assert torch.equal(first[4:], tail)  # the same samples, resumed half-way, in worker processes
+    assert not torch.equal(first, other)
+
+
+def test_image_folder_uses_the_normalization_of_the_models_weights(image_folder, tmp_path):
+    import timm
+
+    prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
+    for name in ("resnet18", "vit_tiny_patch16_224"):
+        expected = timm.models.get_pretrained_cfg(name)
+        data = load_dataset(tmp_path / "prepared", {"timm_name": name}, train_augment=False)
+        normalize = data.test.dataset.transform.transforms[-1]
+        assert tuple(normalize.mean) == tuple(expected.mean) and tuple(normalize.std) == tuple(expected.std)
+
+
+def test_corrupt_image_met_while_loading_is_named(image_folder, tmp_path):
+    prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
+    (image_folder / "val" / "dog" / "1.png").write_bytes(b"not a png")  # broken after preparing
+    data = load_dataset(tmp_path / "prepared", train_augment=False)
+    with pytest.raises(UserError, match=r"image .*dog/1\.png cannot be read"):
+        list(data.test.batches([np.arange(6)], num_workers=0))

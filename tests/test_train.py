@@ -240,3 +240,26 @@ def test_interrupted_copy_of_a_run_folder_resumes_elsewhere(vit_run, digits_dir,
     shutil.move(first, moved)
     train(_finetune_config(vit_run, digits_dir, moved))
     assert_same_tensors(moved / "model.safetensors", uninterrupted_finetune / "model.safetensors")
+
+
+def test_training_on_an_image_folder_end_to_end(tmp_path):
+    """The ImageNet path at toy size: prepare, pretrain with timm's augmentation, evaluate."""
+    from conftest import write_image_folder
+    from noisynn.data import prepare_image_folder
+    from noisynn.evaluate import evaluate_checkpoint
+
+    root = tmp_path / "folder"
+    write_image_folder(root / "train", {"a": 6, "b": 6}, size=16, seed=0)
+    write_image_folder(root / "val", {"a": 3, "b": 3}, size=16, seed=1)
+    prepare_image_folder(tmp_path / "prepared", root, image_size=16)
+    model = {"timm_name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}}
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "prepared"), model=model, epochs=2,
+                      batch_size=4, lr=1e-3, warmup_epochs=0, num_workers=0)
+    train(cfg)
+    again = tmp_path / "again"
+    train(TrainConfig(**{**asdict(cfg), "out_dir": str(again)}))
+    assert_same_tensors(tmp_path / "run" / "model.safetensors", again / "model.safetensors")
+    result = evaluate_checkpoint(tmp_path / "run" / "model.safetensors", tmp_path / "prepared",
+                                 {"kind": "linear-optimal", "axis": "batch"}, "layer4.0", test_batch_size=3)
+    assert result["protocols"]["released"]["n"] == 6
+    assert (result["predictions"]["batch1"] == result["predictions"]["clean"]).all()

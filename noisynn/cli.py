@@ -190,7 +190,7 @@ def _entropy(args) -> int:
         for r in rows:
             print(f"{r['k']},{r['Q']},{'' if r['alpha'] is None else r['alpha']},{r['delta_S_closed_form']:.6g},{r['delta_S_slogdet']:.6g}")
         return 0
-    print("ΔS = S_before - S_after in nats (> 0: the noise lowers the task entropy; PAPER.md §3)")
+    print("ΔS = S_before - S_after in nats (> 0: the noise lowers the task entropy; formulas in noisynn/entropy.py)")
     print(f"{'k':>4}  {'Q':8} {'alpha':>5}  {'closed form':>12}  {'slogdet':>12}")
     for r in rows:
         alpha = "" if r["alpha"] is None else f"{r['alpha']:.2f}"

@@ -122,3 +122,12 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert sorted(sa) == sorted(sb)
     differing = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def assert_user_error(excinfo, *fragments: str) -> None:
+    """A user mistake: a ValueError whose message is one sentence holding every fragment."""
+    msg = str(excinfo.value)
+    assert isinstance(excinfo.value, ValueError)
+    assert "\n" not in msg and msg.strip().endswith(".")
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"

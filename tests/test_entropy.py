@@ -25,19 +25,10 @@ from noisynn.entropy import (
 )
 from noisynn.errors import UserError
 from noisynn.noise import NoiseSpec, quality_matrix
+from conftest import assert_user_error
 
 KS = range(2, 65)
 ALPHAS = [0.0, 0.1, 0.3, 0.49, 0.5, 0.51, 0.7, 0.9, 1.0]
-
-
-
-
-def _assert_user_error(excinfo, *fragments: str) -> None:
-    msg = str(excinfo.value)
-    assert isinstance(excinfo.value, ValueError)
-    assert "\n" not in msg and msg.strip().endswith(".")
-    for fragment in fragments:
-        assert fragment in msg, f"{fragment!r} not in {msg!r}"
 
 
 def test_optimal_closed_form_equals_slogdet_for_k_2_to_64():
@@ -132,26 +123,26 @@ def test_entropy_table_rows_agree_between_closed_form_and_slogdet():
 def test_k_must_be_a_positive_integer(bad):
     with pytest.raises(UserError) as e:
         delta_entropy_optimal(bad)
-    _assert_user_error(e, "k", "positive integer")
+    assert_user_error(e, "k", "positive integer")
     with pytest.raises(UserError) as e:
         delta_entropy_shift(bad, 0.3)
-    _assert_user_error(e, "k", "positive integer")
+    assert_user_error(e, "k", "positive integer")
 
 
 @pytest.mark.parametrize("bad", [-0.5, 1.2, float("nan")])
 def test_alpha_out_of_range_is_a_user_error(bad):
     with pytest.raises(UserError) as e:
         delta_entropy_shift(4, bad)
-    _assert_user_error(e, "alpha", "[0, 1]")
+    assert_user_error(e, "alpha", "[0, 1]")
 
 
 def test_non_square_q_is_a_user_error():
     with pytest.raises(UserError) as e:
         delta_entropy(torch.zeros(3, 4))
-    _assert_user_error(e, "Q", "square", "(3, 4)")
+    assert_user_error(e, "Q", "square", "(3, 4)")
 
 
 def test_linear_noise_without_k_is_a_user_error():
     with pytest.raises(UserError) as e:
         delta_entropy_for(NoiseSpec("linear-optimal"), None)
-    _assert_user_error(e, "k")
+    assert_user_error(e, "k")

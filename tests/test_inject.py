@@ -27,11 +27,10 @@ from noisynn.inject import (
     valid_sites,
 )
 from noisynn.noise import NoiseSpec, apply_noise, linear_transform
+from conftest import assert_user_error
 
 OPTIMAL_BATCH = NoiseSpec("linear-optimal", axis="batch")
 GAUSSIAN = NoiseSpec("gaussian", strength=0.5)
-
-
 
 
 def _small_vit() -> nn.Module:
@@ -409,14 +408,6 @@ def test_valid_sites_cover_a_standard_deep_model_in_forward_order(name, family, 
 # --- user errors -----------------------------------------------------------------------------
 
 
-def _assert_user_error(excinfo, *fragments: str) -> None:
-    msg = str(excinfo.value)
-    assert isinstance(excinfo.value, ValueError)
-    assert "\n" not in msg and msg.strip().endswith(".")
-    for fragment in fragments:
-        assert fragment in msg, f"{fragment!r} not in {msg!r}"
-
-
 @pytest.mark.parametrize(
     "family, bad",
     [("vit", "blocks.3"), ("vit", "blocks.0.mlp"), ("resnet", "layer4.1"), ("resnet", "layer5.0"), ("resnet", "fc")],
@@ -425,7 +416,7 @@ def test_unknown_site_is_a_user_error_listing_the_valid_sites(family, bad):
     model = MODELS[family]()
     with pytest.raises(UserError) as e:
         inject(model, bad, OPTIMAL_BATCH)
-    _assert_user_error(e, "site", repr(bad), *valid_sites(model))
+    assert_user_error(e, "site", repr(bad), *valid_sites(model))
     for fn in (cache_point, lambda m, s: forward_prefix(m, s, _images_for(family))):
         with pytest.raises(UserError):
             fn(model, bad)
@@ -436,7 +427,7 @@ def test_unknown_site_is_a_user_error_listing_the_valid_sites(family, bad):
 def test_unsupported_model_is_a_user_error():
     with pytest.raises(UserError) as e:
         inject(nn.Sequential(nn.Linear(3, 3)), "image", OPTIMAL_BATCH)
-    _assert_user_error(e, "ViT", "ResNet", "Sequential")
+    assert_user_error(e, "ViT", "ResNet", "Sequential")
 
 
 def test_rows_axis_on_a_non_square_grid_fails_at_the_site_as_a_user_error():
@@ -445,6 +436,6 @@ def test_rows_axis_on_a_non_square_grid_fails_at_the_site_as_a_user_error():
     with inject(model, "blocks.0", NoiseSpec("linear-optimal", axis="rows", skip_prefix_tokens=False)):
         with pytest.raises(UserError) as e:
             _run(model, _images(), False)
-    _assert_user_error(e, "rows", "square", "num_prefix_tokens")
+    assert_user_error(e, "rows", "square", "num_prefix_tokens")
     with inject(model, "blocks.0", NoiseSpec("linear-optimal", axis="rows")):
         _run(model, _images(), False)  # counted correctly, the 4×4 grid is found

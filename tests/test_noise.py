@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_user_error
 from noisynn.errors import UserError
 from noisynn.noise import (
     NoiseSpec,
@@ -25,8 +26,6 @@ from noisynn.noise import (
     mixed_axis_size,
     quality_matrix,
 )
-
-
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -57,16 +56,6 @@ def _explicit_on_token_rows(tokens: torch.Tensor, kind: str, alpha: float = 0.3)
     side = math.isqrt(n)
     grid = tokens.reshape(b, side, side, d)
     return _explicit(grid, kind, 1, alpha).reshape(b, n, d)
-
-
-def _assert_user_error(excinfo, *fragments: str) -> None:
-    """The message is one sentence (no newline) and names what the user has to change."""
-    assert isinstance(excinfo.value, ValueError)
-    msg = str(excinfo.value)
-    assert "\n" not in msg
-    assert msg.strip().endswith(".")
-    for fragment in fragments:
-        assert fragment in msg, f"{fragment!r} not in {msg!r}"
 
 
 # --- the optimal Q* --------------------------------------------------------------------------
@@ -376,39 +365,39 @@ def test_unknown_linear_kind_is_a_user_error():
     x = _randn(2, 3)
     with pytest.raises(UserError) as e:
         linear_transform(x, kind="best")
-    _assert_user_error(e, "kind", "optimal", "shift", "best")
+    assert_user_error(e, "kind", "optimal", "shift", "best")
     with pytest.raises(UserError) as e:
         quality_matrix("best", 3)
-    _assert_user_error(e, "kind", "optimal", "shift")
+    assert_user_error(e, "kind", "optimal", "shift")
 
 
 def test_unknown_noise_kind_in_a_spec_is_a_user_error():
     with pytest.raises(UserError) as e:
         NoiseSpec(kind="salt-and-pepper")
-    _assert_user_error(e, "kind", "salt-and-pepper", *["none", "gaussian", "impulse", "linear-optimal", "linear-shift"])
+    assert_user_error(e, "kind", "salt-and-pepper", *["none", "gaussian", "impulse", "linear-optimal", "linear-shift"])
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
 def test_alpha_outside_unit_interval_is_a_user_error(bad):
     with pytest.raises(UserError) as e:
         linear_transform(_randn(2, 3), "shift", alpha=bad)
-    _assert_user_error(e, "alpha", "[0, 1]")
+    assert_user_error(e, "alpha", "[0, 1]")
     with pytest.raises(UserError) as e:
         quality_matrix("shift", 3, alpha=bad)
-    _assert_user_error(e, "alpha", "[0, 1]")
+    assert_user_error(e, "alpha", "[0, 1]")
     with pytest.raises(UserError) as e:
         NoiseSpec(kind="linear-shift", alpha=bad)
-    _assert_user_error(e, "alpha", "[0, 1]")
+    assert_user_error(e, "alpha", "[0, 1]")
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.01, float("nan")])
 def test_impulse_probability_outside_unit_interval_is_a_user_error(bad):
     with pytest.raises(UserError) as e:
         impulse(_randn(2, 3), p=bad)
-    _assert_user_error(e, "p", "[0, 1]")
+    assert_user_error(e, "p", "[0, 1]")
     with pytest.raises(UserError) as e:
         NoiseSpec(kind="impulse", strength=bad)
-    _assert_user_error(e, "strength", "[0, 1]")
+    assert_user_error(e, "strength", "[0, 1]")
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 5, 6)])
@@ -424,46 +413,46 @@ def test_impulse_probability_outside_unit_interval_is_a_user_error(bad):
 def test_wrong_tensor_rank_is_a_user_error(shape, op):
     with pytest.raises(UserError) as e:
         op(torch.zeros(shape))
-    _assert_user_error(e, "rank", "2", "3", "4", str(tuple(shape)))
+    assert_user_error(e, "rank", "2", "3", "4", str(tuple(shape)))
 
 
 def test_rows_on_a_non_square_token_grid_is_a_user_error():
     x = _randn(2, 1 + 15, 4)
     with pytest.raises(UserError) as e:
         linear_transform(x, "optimal", "rows", num_prefix_tokens=1)
-    _assert_user_error(e, "rows", "square", "15")
+    assert_user_error(e, "rows", "square", "15")
     # forgetting the CLS token leaves 17 tokens: the message points at num_prefix_tokens
     with pytest.raises(UserError) as e:
         linear_transform(_randn(2, 17, 4), "optimal", "rows")
-    _assert_user_error(e, "rows", "num_prefix_tokens")
+    assert_user_error(e, "rows", "num_prefix_tokens")
     with pytest.raises(UserError) as e:
         linear_transform(_randn(2, 9), "optimal", "rows")
-    _assert_user_error(e, "rows")
+    assert_user_error(e, "rows")
 
 
 def test_unknown_axis_is_a_user_error():
     with pytest.raises(UserError) as e:
         linear_transform(_randn(2, 3), "optimal", axis="channels")
-    _assert_user_error(e, "axis", "channels", "batch", "rows", "features")
+    assert_user_error(e, "axis", "channels", "batch", "rows", "features")
     with pytest.raises(UserError) as e:
         NoiseSpec(kind="linear-optimal", axis="samples")
-    _assert_user_error(e, "axis", "samples", "batch", "rows", "features")
+    assert_user_error(e, "axis", "samples", "batch", "rows", "features")
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5])
 def test_quality_matrix_size_must_be_a_positive_integer(bad):
     with pytest.raises(UserError) as e:
         quality_matrix("optimal", bad)
-    _assert_user_error(e, "k", "positive integer")
+    assert_user_error(e, "k", "positive integer")
 
 
 def test_negative_std_or_prefix_count_is_a_user_error():
     with pytest.raises(UserError) as e:
         gaussian(_randn(2, 3), std=-1.0)
-    _assert_user_error(e, "std", ">= 0")
+    assert_user_error(e, "std", ">= 0")
     with pytest.raises(UserError) as e:
         NoiseSpec(kind="gaussian", std=-1.0)
-    _assert_user_error(e, "std", ">= 0")
+    assert_user_error(e, "std", ">= 0")
     with pytest.raises(UserError) as e:
         linear_transform(_randn(2, 5, 3), num_prefix_tokens=-1)
-    _assert_user_error(e, "num_prefix_tokens", ">= 0")
+    assert_user_error(e, "num_prefix_tokens", ">= 0")

@@ -140,7 +140,6 @@ def evaluate_checkpoint(
     prefix_seconds = time.time() - t0
 
     results, predictions = {}, {}
-    sample_shape = None
     for name in protocols:
         order, bs, noise_on = PROTOCOL_DEFS[name]
         bs = bs or test_batch_size
@@ -154,7 +153,6 @@ def evaluate_checkpoint(
         for b, (x, y) in zip(batches, source):
             x = x.to(dev)
             logits = forward_suffix(model, site, x) if cache else model(x)
-            sample_shape = handle.last_input_shape or sample_shape
             c1, c5 = _topk_correct(logits.float().cpu(), y.cpu(), 5)
             pred[b] = logits.argmax(-1).cpu().numpy()
             top1_per_batch.append(int(c1.sum()))
@@ -163,7 +161,8 @@ def evaluate_checkpoint(
             top5_all += int(c5.sum())
         n = int(sum(sizes))
         # k as the operator saw it at the site (for the batch axis: the full batch size)
-        k = mixed_axis_size(spec, (bs, *sample_shape[1:]), handle.num_prefix_tokens) if noise_on and sample_shape else None
+        seen = handle.last_input_shape
+        k = mixed_axis_size(spec, (bs, *seen[1:]), handle.num_prefix_tokens) if noise_on and seen else None
         results[name] = {
             "order": order,
             "batch_size": bs,

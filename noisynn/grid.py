@@ -1,45 +1,54 @@
-"""The experiment grid of a workflow config, as readable path tokens (no torch import here).
+"""The experiment grid of a workflow config (no torch import here).
 
-One evaluation = (model, noise setting, when it applies, site, seed). Its checkpoint is the vanilla
-fine-tuning when the noise applies at evaluation only (the same training, never run twice), and a
-fine-tuning with that noise injected otherwise. Paths:
+One evaluation = (model, noise setting, when it applies, site, seed), a ``vocab.Evaluation``. Its
+checkpoint is the vanilla fine-tuning when the noise applies at evaluation only (the same training,
+never run twice), a fine-tuning with that noise injected otherwise, and the starting weights
+themselves when the config has no fine-tuning (``finetune: null``, the audit of released weights).
 
-    results/<dataset>/<model>/pretrain/model.safetensors
+Evaluations that share a checkpoint and a site form one evaluation *group*: one job, one pass of the
+test images through the network up to the site, shared by every setting and every protocol of the
+group. The vanilla model (noise none) joins the group of its model's default site. Paths:
+
+    results/<dataset>/<model>/pretrain/model.safetensors         (or imported/, weights as loaded)
     results/<dataset>/<model>/finetune/noise~<token>/site~<site>/seed~<n>/model.safetensors
-    results/<dataset>/<model>/evaluate/noise~<token>/apply~<eval|train+eval>/site~<site>/seed~<n>/evaluation.json
+    results/<dataset>/<model>/evaluate/train~<token>/site~<site>/seed~<n>/evaluations.json
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from noisynn.vocab import FINETUNE_PATH, IMPORTED_PATH, PRETRAIN_PATH, RELEASED_NOISE, Evaluation, noise_token
+
+GROUP_PATH = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/evaluations.json"
+GROUP_PREDICTIONS = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/predictions.npz"
+
+__all__ = ["Grid", "EvaluationGroup", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
 
 
-def noise_token(noise: dict) -> str:
-    """A readable, unique path token for a noise setting (``gaussian_s0.5``, ``linear-shift_a0.3_batch``)."""
-    kind = noise["kind"]
-    if kind == "none":
-        return "none"
-    if kind == "gaussian":
-        extra = "" if (noise.get("mean", 0.0), noise.get("std", 1.0)) == (0.0, 1.0) else f"_m{noise['mean']:g}_sd{noise['std']:g}"
-        return f"gaussian_s{noise['strength']:g}{extra}"
-    if kind == "impulse":
-        return f"impulse_p{noise['strength']:g}"
-    if kind == "linear-shift":
-        return f"linear-shift_a{noise['alpha']:g}_{noise['axis']}"
-    return f"linear-optimal_{noise['axis']}"
+@dataclass
+class EvaluationGroup:
+    """The evaluations of one checkpoint at one site and seed: one job."""
 
-
-@dataclass(frozen=True)
-class Evaluation:
+    dataset: str
     model: str
-    noise: str  # token
-    apply: str  # eval | train+eval
+    train: str  # the noise the checkpoint was trained with: none (vanilla) or a noise token
     site: str
     seed: int
+    checkpoint: str
+    evaluations: list[Evaluation] = field(default_factory=list)
 
     @property
-    def trains_with_noise(self) -> bool:
-        return self.apply == "train+eval" and self.noise != "none"
+    def wildcards(self) -> dict:
+        return {"dataset": self.dataset, "model": self.model, "train": self.train, "site": self.site, "seed": self.seed}
+
+    @property
+    def path(self) -> str:
+        return GROUP_PATH.format(**self.wildcards)
+
+    @property
+    def predictions_path(self) -> str:
+        return GROUP_PREDICTIONS.format(**self.wildcards)
 
 
 class Grid:
@@ -48,7 +57,8 @@ class Grid:
     def __init__(self, config: dict):
         self.config = config
         self.dataset = config["dataset"]["name"]
-        self.noises: dict[str, dict] = {}
+        self.finetunes = config.get("finetune") is not None
+        self.noises: dict[str, dict] = {"none": {"kind": "none"}}
         evals: list[Evaluation] = []
         seeds = config["seeds"]
         for entry in config["noises"]:
@@ -61,19 +71,29 @@ class Grid:
                     applies = ["eval"] if noise["kind"] == "none" else entry.get("apply", ["eval"])
                     for apply in applies:
                         for seed in seeds:
-                            evals.append(Evaluation(model, token, apply, site, seed))
+                            evals.append(Evaluation(self.dataset, model, token, apply, site, seed, True))
         sweep = config.get("layer_sweep")
         if sweep:
             noise = {"kind": sweep["kind"], "axis": sweep.get("axis", "batch")}
             if sweep["kind"] == "linear-shift":
                 noise["alpha"] = sweep.get("alpha", 0.3)
+            for key in ("neighbour", "detach"):
+                if key in sweep:
+                    noise[key] = sweep[key]
             token = noise_token(noise)
             self.noises[token] = noise
             for model, mcfg in config["models"].items():
                 for site in mcfg.get("layer_sweep_sites", []):
                     for seed in seeds:
-                        evals.append(Evaluation(model, token, sweep.get("apply", "eval"), site, seed))
-        self.evaluations = list(dict.fromkeys(evals))  # unique, in config order
+                        evals.append(Evaluation(self.dataset, model, token, sweep.get("apply", "eval"), site, seed,
+                                                site == mcfg["site"]))
+        # unique, in config order; a sweep site equal to the default site is the same evaluation
+        unique: dict[tuple, Evaluation] = {}
+        for e in evals:
+            key = (e.model, e.noise, e.apply, e.site, e.seed)
+            unique.setdefault(key, e)
+        self.evaluations = list(unique.values())
+        self.groups = self._groups()
 
     @staticmethod
     def _expand(entry: dict) -> list[dict]:
@@ -85,31 +105,66 @@ class Grid:
             if kind == "gaussian":
                 base.update(mean=entry.get("mean", 0.0), std=entry.get("std", 1.0))
             return [{**base, "strength": s} for s in entry["strength"]]
+        variant = {k: entry[k] for k in ("neighbour", "detach") if k in entry}
         if kind == "linear-shift":
-            return [{"kind": kind, "alpha": a, "axis": ax} for a in entry["alpha"] for ax in entry["axis"]]
-        return [{"kind": kind, "axis": ax} for ax in entry["axis"]]
+            return [{"kind": kind, "alpha": a, "axis": ax, **variant} for a in entry["alpha"] for ax in entry["axis"]]
+        return [{"kind": kind, "axis": ax, **variant} for ax in entry["axis"]]
 
-    # --- paths -----------------------------------------------------------------------------
+    # --- checkpoints -----------------------------------------------------------------------------
 
-    def root(self, model: str) -> str:
-        return f"results/{self.dataset}/{model}"
+    def start_checkpoint(self, model: str) -> str:
+        """The weights fine-tuning starts from: pretrained here, or imported as loaded."""
+        template = IMPORTED_PATH if self.config["models"][model].get("skip_pretrain") else PRETRAIN_PATH
+        return template.format(dataset=self.dataset, model=model)
 
     def checkpoint(self, e: Evaluation) -> str:
+        if not self.finetunes:
+            return self.start_checkpoint(e.model)
         if e.trains_with_noise:
-            return f"{self.root(e.model)}/finetune/noise~{e.noise}/site~{e.site}/seed~{e.seed}/model.safetensors"
-        return f"{self.root(e.model)}/finetune/noise~none/site~none/seed~{e.seed}/model.safetensors"
-
-    def evaluation(self, e: Evaluation) -> str:
-        return f"{self.root(e.model)}/evaluate/noise~{e.noise}/apply~{e.apply}/site~{e.site}/seed~{e.seed}/evaluation.json"
-
-    def evaluation_files(self) -> list[str]:
-        return [self.evaluation(e) for e in self.evaluations]
+            return FINETUNE_PATH.format(dataset=self.dataset, model=e.model, noise=e.noise, site=e.site, seed=e.seed)
+        return FINETUNE_PATH.format(dataset=self.dataset, model=e.model, noise="none", site="none", seed=e.seed)
 
     def checkpoint_files(self) -> list[str]:
         return list(dict.fromkeys(self.checkpoint(e) for e in self.evaluations))
 
-    def lookup(self, model: str, noise: str, apply: str, site: str, seed: int) -> Evaluation:
-        e = Evaluation(model, noise, apply, site, int(seed))
-        if e not in self.evaluations:
-            raise KeyError(f"no evaluation {e} in the grid")
-        return e
+    # --- evaluation groups -----------------------------------------------------------------------
+
+    def _groups(self) -> list[EvaluationGroup]:
+        groups: dict[tuple, EvaluationGroup] = {}
+        for e in self.evaluations:
+            train = e.noise if e.trains_with_noise else "none"
+            site = e.site
+            if e.noise == "none":
+                site = self.config["models"][e.model]["site"] if self._has_eval_only_at_default(e.model) else "image"
+            key = (e.model, train, site, e.seed)
+            if key not in groups:
+                groups[key] = EvaluationGroup(self.dataset, e.model, train, site, e.seed, self.checkpoint(e))
+            groups[key].evaluations.append(e)
+        return list(groups.values())
+
+    def _has_eval_only_at_default(self, model: str) -> bool:
+        default = self.config["models"][model]["site"]
+        return any(e.model == model and e.site == default and not e.trains_with_noise and e.noise != "none"
+                   for e in self.evaluations)
+
+    def group(self, model: str, train: str, site: str, seed) -> EvaluationGroup:
+        for g in self.groups:
+            if (g.model, g.train, g.site, g.seed) == (model, train, site, int(seed)):
+                return g
+        raise KeyError(f"no evaluation group model={model} train={train} site={site} seed={seed} in the grid")
+
+    def group_files(self) -> list[str]:
+        return [g.path for g in self.groups]
+
+    def prediction_files(self) -> list[str]:
+        return [g.predictions_path for g in self.groups]
+
+    def runs_sweeps(self, e: Evaluation) -> bool:
+        """The sweeps and the pooling control go with the released recipe at the model's default site."""
+        return bool(self.config["evaluate"].get("sweeps")) and e.noise == RELEASED_NOISE and e.apply == "eval" \
+            and e.site == self.config["models"][e.model]["site"]
+
+    def settings(self, g: EvaluationGroup) -> list[dict]:
+        """What the evaluate job of a group is told: each evaluation's record and noise parameters."""
+        return [{**e.to_dict(), "noise_params": self.noises[e.noise], **({"sweeps": True} if self.runs_sweeps(e) else {})}
+                for e in g.evaluations]

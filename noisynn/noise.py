@@ -2,9 +2,14 @@
 
 Tensor layouts understood by the operators (the same layouts a timm model passes between blocks):
 
-* ``(B, N, D)`` tokens of a ViT, the first ``num_prefix_tokens`` of them class/register tokens;
-* ``(B, C, H, W)`` feature maps of a CNN, or a normalized image batch;
-* ``(B, D)`` flat features.
+* ``(B, N, D)`` tokens of a ViT (layout ``tokens``), the first ``num_prefix_tokens`` of them
+  class/register tokens;
+* ``(B, C, H, W)`` feature maps of a CNN, or a normalized image batch (layout ``nchw``);
+* ``(B, H, W, C)`` feature maps as Swin passes them between blocks (layout ``nhwc``);
+* ``(B, D)`` flat features (layout ``features``).
+
+Without an explicit ``layout`` the rank decides (2: features, 3: tokens, 4: nchw), so ``nhwc``
+must be named.
 
 Every random operator takes an explicit ``torch.Generator`` so that a run is reproducible.
 """
@@ -21,6 +26,13 @@ from noisynn.errors import UserError
 LINEAR_KINDS = ("optimal", "shift")
 AXES = ("batch", "rows", "features")
 NOISE_KINDS = ("none", "gaussian", "impulse", "linear-optimal", "linear-shift")
+NEIGHBOURS = ("previous", "next")
+LAYOUTS = ("tokens", "nchw", "nhwc", "features")
+# what an injection site may report (Injection.layout): the operator layouts, Swin's attention
+# windows (tokens of all windows of all images, no prefix) and unknown (only the batch axis is known)
+SITE_LAYOUTS = (*LAYOUTS, "windows", "unknown")
+_LAYOUT_RANK = {"tokens": 3, "nchw": 4, "nhwc": 4, "features": 2}
+_RANK_LAYOUT = {2: "features", 3: "tokens", 4: "nchw"}
 
 
 def _check_alpha(alpha: float) -> None:
@@ -33,18 +45,41 @@ def _check_probability(p: float) -> None:
         raise UserError(f"p (the impulse probability) must lie in [0, 1]; got {p}.")
 
 
+def _check_neighbour(neighbour: str) -> None:
+    if neighbour not in NEIGHBOURS:
+        raise UserError(
+            f"neighbour must be one of {', '.join(NEIGHBOURS)} (the sample the shift takes alpha from); got {neighbour!r}."
+        )
+
+
+def _check_layout(layout: str | None, rank: int | None = None) -> str | None:
+    if layout is None:
+        return None
+    if layout not in LAYOUTS:
+        raise UserError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    if rank is not None and _LAYOUT_RANK[layout] != rank:
+        raise UserError(f"layout {layout} needs a tensor of rank {_LAYOUT_RANK[layout]}; got rank {rank}.")
+    return layout
+
+
 def _check_rank(x: torch.Tensor, allowed: tuple[int, ...], what: str) -> None:
     if x.dim() not in allowed:
         ranks = " or ".join(str(r) for r in allowed)
         raise UserError(f"{what} expects a tensor of rank {ranks} (batch first); got shape {tuple(x.shape)}.")
 
 
-def quality_matrix(kind: str, k: int, alpha: float = 0.3, dtype=torch.float64) -> torch.Tensor:
+def quality_matrix(
+    kind: str, k: int, alpha: float = 0.3, dtype=torch.float64, neighbour: str = "previous"
+) -> torch.Tensor:
     """The explicit k×k quality matrix Q of the linear-transform noise (X' = (I + Q) X).
 
-    ``optimal`` (paper eq. 19): Q* = -k/(k+1)·I + 1/(k+1)·11ᵀ.
-    ``shift`` (paper eq. 17): Q = -alpha·I + alpha·P with P[(i+1) mod k, i] = 1.
+    ``optimal`` (paper eq. 19): Q* = -k/(k+1)·I + 1/(k+1)·11ᵀ (``neighbour`` is irrelevant).
+    ``shift`` (paper eq. 17): Q = -alpha·I + alpha·P with, for ``neighbour='previous'``,
+    P[(i+1) mod k, i] = 1 (x'_i takes alpha of x_(i-1)); for ``'next'`` (the released NoisyCNN code)
+    P[i, (i+1) mod k] = 1, the transpose (x'_i takes alpha of x_(i+1)). Both have the same
+    determinant, hence the same ΔS.
     """
+    _check_neighbour(neighbour)
     if kind not in LINEAR_KINDS:
         raise UserError(f"kind must be one of {', '.join(LINEAR_KINDS)}; got {kind!r}.")
     if int(k) != k or k < 1:
@@ -56,16 +91,28 @@ def quality_matrix(kind: str, k: int, alpha: float = 0.3, dtype=torch.float64) -
         return -k / (k + 1) * eye + torch.ones(k, k, dtype=dtype) / (k + 1)
     _check_alpha(alpha)
     shift = torch.roll(eye, shifts=1, dims=0)  # column i has its 1 in row (i+1) mod k
+    if neighbour == "next":
+        shift = shift.T  # row i has its 1 in column (i+1) mod k
     return -alpha * eye + alpha * shift
 
 
-def _mix_along(x: torch.Tensor, dim: int, kind: str, alpha: float) -> torch.Tensor:
+def _mix_along(x: torch.Tensor, dim: int, kind: str, alpha: float, neighbour: str = "previous") -> torch.Tensor:
     """(I + Q) applied along ``dim`` without forming the matrix."""
     if kind == "optimal":
         k = x.shape[dim]
         return (x + x.sum(dim=dim, keepdim=True)) / (k + 1)
-    # (I + Q_shift) x: element i becomes (1 - alpha)·x_i + alpha·x_(i-1 mod k)
-    return (1.0 - alpha) * x + alpha * torch.roll(x, shifts=1, dims=dim)
+    # (I + Q_shift) x: element i becomes (1 - alpha)·x_i + alpha·x_(i-1 mod k) (previous)
+    # or (1 - alpha)·x_i + alpha·x_(i+1 mod k) (next)
+    return (1.0 - alpha) * x + alpha * torch.roll(x, shifts=1 if neighbour == "previous" else -1, dims=dim)
+
+
+def straight_through(x: torch.Tensor, noised: torch.Tensor) -> torch.Tensor:
+    """``noised`` in the forward pass, the identity in the backward pass.
+
+    The value is x + (f(x) - x).detach() with f(x) = ``noised``, written as
+    f(x).detach() + (x - x.detach()) so that the forward value is bit-identical to f(x).
+    """
+    return noised.detach() + (x - x.detach())
 
 
 def linear_transform(
@@ -74,6 +121,9 @@ def linear_transform(
     axis: str = "batch",
     alpha: float = 0.3,
     num_prefix_tokens: int = 0,
+    neighbour: str = "previous",
+    detach: bool = False,
+    layout: str | None = None,
 ) -> torch.Tensor:
     """Linear-transform noise X' = X + QX = (I + Q)X along one axis.
 
@@ -82,31 +132,44 @@ def linear_transform(
     ``'features'`` mixes channels / embedding features (k = D or C).
     For token tensors the first ``num_prefix_tokens`` tokens (CLS) are left untouched, as the
     released ViT code does.
+
+    ``neighbour`` picks the sample the shift takes alpha from: ``'previous'`` (paper eq. 17,
+    x'_i = (1 - alpha)·x_i + alpha·x_(i-1 mod k)) or ``'next'`` (the released NoisyCNN code,
+    x_(i+1 mod k)); the optimal Q ignores it. ``detach=True`` keeps the forward value and makes the
+    backward pass the identity, x' = x + (f(x) - x).detach(), as the released NoisyCNN code does.
+    ``layout`` (``tokens``, ``nchw``, ``nhwc``, ``features``) says which dimension is which; without
+    it the rank decides (2: features, 3: tokens, 4: nchw).
     """
     if kind not in LINEAR_KINDS:
         raise UserError(f"kind must be one of {', '.join(LINEAR_KINDS)}; got {kind!r}.")
     if axis not in AXES:
         raise UserError(f"axis must be one of {', '.join(AXES)}; got {axis!r}.")
     _check_alpha(alpha)
+    _check_neighbour(neighbour)
     _check_rank(x, (2, 3, 4), "linear_transform")
+    layout = _check_layout(layout, x.dim()) or _RANK_LAYOUT[x.dim()]
     if num_prefix_tokens < 0:
         raise UserError(f"num_prefix_tokens must be >= 0; got {num_prefix_tokens}.")
 
-    if x.dim() == 3 and num_prefix_tokens:
+    if layout == "tokens" and num_prefix_tokens:
         prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-        return torch.cat([prefix, _linear_on_layout(tokens, kind, axis, alpha)], dim=1)
-    return _linear_on_layout(x, kind, axis, alpha)
+        out = torch.cat([prefix, _linear_on_layout(tokens, kind, axis, alpha, neighbour, layout)], dim=1)
+    else:
+        out = _linear_on_layout(x, kind, axis, alpha, neighbour, layout)
+    return straight_through(x, out) if detach else out
 
 
-def _linear_on_layout(x: torch.Tensor, kind: str, axis: str, alpha: float) -> torch.Tensor:
+def _linear_on_layout(x: torch.Tensor, kind: str, axis: str, alpha: float, neighbour: str, layout: str) -> torch.Tensor:
     if axis == "batch":
-        return _mix_along(x, 0, kind, alpha)
+        return _mix_along(x, 0, kind, alpha, neighbour)
     if axis == "features":
-        return _mix_along(x, 1 if x.dim() == 4 else x.dim() - 1, kind, alpha)
+        return _mix_along(x, 1 if layout == "nchw" else x.dim() - 1, kind, alpha, neighbour)
     # rows
-    if x.dim() == 4:
-        return _mix_along(x, 2, kind, alpha)
-    if x.dim() == 2:
+    if layout == "nchw":
+        return _mix_along(x, 2, kind, alpha, neighbour)
+    if layout == "nhwc":
+        return _mix_along(x, 1, kind, alpha, neighbour)
+    if layout == "features":
         raise UserError("axis 'rows' needs a spatial grid (tokens or feature maps); got flat (B, D) features.")
     b, n, d = x.shape
     side = math.isqrt(n)
@@ -116,7 +179,7 @@ def _linear_on_layout(x: torch.Tensor, kind: str, axis: str, alpha: float) -> to
             "(set num_prefix_tokens to the number of class/register tokens)."
         )
     grid = x.reshape(b, side, side, d)
-    return _mix_along(grid, 1, kind, alpha).reshape(b, n, d)
+    return _mix_along(grid, 1, kind, alpha, neighbour).reshape(b, n, d)
 
 
 def gaussian(
@@ -165,6 +228,11 @@ class NoiseSpec:
 
     ``strength`` is s for gaussian, p for impulse and unused by the linear kinds (whose strength
     is alpha for the shift and fixed for the optimal Q).
+
+    ``neighbour`` (``previous``: paper eq. 17; ``next``: the released NoisyCNN code) is the sample
+    the shift takes alpha from; the other kinds ignore it. ``detach=True`` makes the backward pass
+    see the identity (x' = x + (f(x) - x).detach(), the released NoisyCNN code); the forward value
+    is unchanged.
     """
 
     kind: str = "none"
@@ -174,6 +242,8 @@ class NoiseSpec:
     alpha: float = 0.3
     axis: str = "batch"
     skip_prefix_tokens: bool = True
+    neighbour: str = "previous"
+    detach: bool = False
 
     def __post_init__(self):
         for name in ("strength", "mean", "std", "alpha"):
@@ -182,6 +252,13 @@ class NoiseSpec:
                 raise UserError(f"noise {name} must be a number; got {value!r}.")
         if self.kind not in NOISE_KINDS:
             raise UserError(f"noise kind must be one of {', '.join(NOISE_KINDS)}; got {self.kind!r}.")
+        if not isinstance(self.neighbour, str) or self.neighbour not in NEIGHBOURS:
+            raise UserError(
+                f"noise neighbour must be one of {', '.join(NEIGHBOURS)} (the sample the shift takes alpha from); "
+                f"got {self.neighbour!r}."
+            )
+        if not isinstance(self.detach, bool):
+            raise UserError(f"noise detach must be true or false; got {self.detach!r}.")
         if self.kind.startswith("linear") and self.axis not in AXES:
             raise UserError(f"noise axis must be one of {', '.join(AXES)}; got {self.axis!r}.")
         if self.kind == "linear-shift":
@@ -216,27 +293,61 @@ def apply_noise(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
     num_prefix_tokens: int = 0,
+    layout: str | None = None,
 ) -> torch.Tensor:
-    """Apply the noise ``spec`` describes to ``x``."""
+    """Apply the noise ``spec`` describes to ``x`` (``layout`` as for ``linear_transform``).
+
+    Prefix tokens are skipped only in the ``tokens`` layout. With ``spec.detach`` the backward pass
+    sees the identity whatever the kind (for the additive gaussian that is already the case).
+    """
+    _check_layout(layout)
     prefix = num_prefix_tokens if spec.skip_prefix_tokens else 0
+    if layout not in (None, "tokens"):
+        prefix = 0
     if spec.kind == "none":
         return x
-    if spec.kind == "gaussian":
-        return gaussian(x, spec.strength, spec.mean, spec.std, generator, prefix)
-    if spec.kind == "impulse":
-        return impulse(x, spec.strength, generator, prefix)
+    if spec.kind in ("gaussian", "impulse"):
+        if spec.kind == "gaussian":
+            out = gaussian(x, spec.strength, spec.mean, spec.std, generator, prefix)
+        else:
+            out = impulse(x, spec.strength, generator, prefix)
+        return straight_through(x, out) if spec.detach else out
     kind = "optimal" if spec.kind == "linear-optimal" else "shift"
-    return linear_transform(x, kind, spec.axis, spec.alpha, prefix)
+    return linear_transform(x, kind, spec.axis, spec.alpha, prefix, spec.neighbour, spec.detach, layout)
 
 
-def mixed_axis_size(spec: NoiseSpec, shape: tuple[int, ...], num_prefix_tokens: int = 0) -> int | None:
-    """k, the size of the axis a linear noise mixes for an input of ``shape`` (None for other kinds)."""
+def mixed_axis_size(
+    spec: NoiseSpec, shape: tuple[int, ...], num_prefix_tokens: int = 0, layout: str | None = None
+) -> int | None:
+    """k, the size of the axis a linear noise mixes for an input of ``shape`` (None for other kinds).
+
+    ``layout`` as for ``linear_transform`` (without it the rank decides, so a Swin (B, H, W, C) map
+    needs ``layout='nhwc'``), or a site layout (``Injection.layout``): ``windows`` counts as tokens
+    without prefix, ``unknown`` has only the batch axis. An axis the layout lacks (``rows`` on flat
+    (B, D) features) is a UserError.
+    """
     if not spec.kind.startswith("linear"):
         return None
+    if layout == "windows":
+        layout, num_prefix_tokens = "tokens", 0
+    if layout == "unknown":
+        if spec.axis == "batch":
+            return shape[0]
+        raise UserError(f"a tensor of shape {tuple(shape)} in an unknown layout has no {spec.axis} axis.")
+    rank = len(shape)
+    if layout is None:
+        if rank not in _RANK_LAYOUT:
+            raise UserError(f"a linear noise acts on a tensor of rank 2, 3 or 4 (batch first); got shape {tuple(shape)}.")
+        layout = _RANK_LAYOUT[rank]
+    _check_layout(layout, rank)
     if spec.axis == "batch":
         return shape[0]
     if spec.axis == "features":
-        return shape[1] if len(shape) == 4 else shape[-1]
-    if len(shape) == 4:
+        return shape[1] if layout == "nchw" else shape[-1]
+    if layout == "nchw":
         return shape[2]
+    if layout == "nhwc":
+        return shape[1]
+    if layout == "features":
+        raise UserError(f"axis 'rows' needs a spatial grid (tokens or feature maps); got flat features of shape {tuple(shape)}.")
     return math.isqrt(shape[1] - (num_prefix_tokens if spec.skip_prefix_tokens else 0))

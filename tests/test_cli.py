@@ -1,7 +1,7 @@
 """Tests of noisynn/cli.py, run as a user runs it: ``python -m noisynn …`` in a subprocess.
 
 What a user relies on: a mistake of theirs (a missing dataset, a malformed or unknown noise, a
-site the model lacks, a missing or foreign checkpoint, an out-of-range alpha, a bad --noise-at)
+site the model lacks, a missing or foreign checkpoint, an out-of-range alpha, a bad --apply)
 ends with exit status 2 and one sentence on stderr naming the file or key, never a traceback;
 ``--help`` works for every subcommand; ``entropy`` prints the theory's optimal-Q value
 (k-1)·log(k+1); and ``evaluate`` writes one JSON with every protocol.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cli_env
+
 from noisynn.cli import build_parser
 
 OPTIMAL_BATCH = json.dumps({"kind": "linear-optimal", "axis": "batch"})
@@ -69,6 +69,9 @@ def test_missing_dataset_folder(vit_run, tmp_path):
     assert not (tmp_path / "e.json").exists()
 
 
+ONE_EPOCH = json.dumps({"epochs": 1, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 0})
+
+
 def test_dataset_folder_without_manifest(vit_run, tmp_path):
     (tmp_path / "data").mkdir()
     result = noisynn(*_evaluate_args(vit_run.checkpoint, tmp_path / "data", tmp_path / "e.json"))
@@ -76,7 +79,7 @@ def test_dataset_folder_without_manifest(vit_run, tmp_path):
 
 
 def test_pretrain_on_missing_dataset(tmp_path):
-    result = noisynn("pretrain", "--data", tmp_path / "nothing", "--out", tmp_path / "run", "--epochs", 1,
+    result = noisynn("pretrain", "--data", tmp_path / "nothing", "--out", tmp_path / "run", "--train", ONE_EPOCH,
                      "--model", json.dumps({"timm_name": "resnet18"}))
     assert_user_error(result, str(tmp_path / "nothing"))
 
@@ -135,7 +138,7 @@ def test_checkpoint_without_sidecar(vit_run, digits_dir, tmp_path):
 def test_finetune_from_a_checkpoint_without_sidecar(vit_run, digits_dir, tmp_path):
     weights = tmp_path / "model.safetensors"
     shutil.copy(vit_run.checkpoint, weights)
-    result = noisynn("finetune", "--data", digits_dir, "--init", weights, "--out", tmp_path / "run", "--epochs", 1)
+    result = noisynn("finetune", "--data", digits_dir, "--init", weights, "--out", tmp_path / "run", "--train", ONE_EPOCH)
     assert_user_error(result, str(weights), "model.json")
 
 
@@ -145,10 +148,17 @@ def test_alpha_out_of_range(vit_run, digits_dir, tmp_path):
     assert_user_error(result, "alpha", "1.5")
 
 
-def test_bad_noise_at(resnet_run, digits_dir, tmp_path):
+def test_bad_apply(resnet_run, digits_dir, tmp_path):
     result = noisynn("finetune", "--data", digits_dir, "--init", resnet_run.checkpoint, "--out", tmp_path / "run",
-                     "--epochs", 1, "--noise", OPTIMAL_BATCH, "--site", resnet_run.last_site, "--noise-at", "test")
-    assert_user_error(result, "--noise-at", "'test'")
+                     "--train", ONE_EPOCH, "--noise", OPTIMAL_BATCH, "--site", resnet_run.last_site, "--apply", "test")
+    assert_usage_error(result, "--apply", "'test'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_training_key(resnet_run, digits_dir, tmp_path):
+    result = noisynn("finetune", "--data", digits_dir, "--init", resnet_run.checkpoint, "--out", tmp_path / "run",
+                     "--train", '{"epochs": 1, "batch_size": 32, "lr": 0.001, "epoch": 3}')
+    assert_user_error(result, "--train", "'epoch'")
     assert not (tmp_path / "run").exists()
 
 
@@ -225,21 +235,23 @@ def test_evaluate_writes_every_protocol(vit_run, digits_dir, tmp_path):
     result = noisynn(*_evaluate_args(vit_run.checkpoint, digits_dir, out, noise=OPTIMAL_BATCH, site=vit_run.last_site,
                                      predictions=predictions))
     assert result.returncode == 0, result.stderr
-    evaluation = json.loads(out.read_text())
+    group = json.loads(out.read_text())
+    evaluation = group["evaluations"][0]
     protocols = ("clean", "released", "shuffled", "batch1", "class_pure", "class_mixed")
     assert set(evaluation["protocols"]) == set(protocols)
     for name in protocols:
         r = evaluation["protocols"][name]
         assert 0 <= r["top1"] <= r["top5"] <= 1
     assert 0 <= evaluation["protocols"]["released"]["released_metric_top1"] <= 1
-    assert evaluation["site"] == vit_run.last_site
+    assert group["site"] == vit_run.last_site and evaluation["setting"]["site"] == vit_run.last_site
     assert evaluation["noise"]["kind"] == "linear-optimal"
     assert "predictions" not in evaluation
+    key = f"linear-optimal|eval|{vit_run.last_site}"
     with np.load(predictions) as z:
-        assert sorted(z.files) == sorted(protocols)
-        assert all(len(z[name]) == evaluation["protocols"][name]["n"] for name in protocols)
+        assert sorted(z.files) == sorted(["labels"] + [f"{key}/{p}/{a}" for p in protocols for a in ("pred", "batch")])
+        assert all(len(z[f"{key}/{name}/pred"]) == evaluation["protocols"][name]["n"] for name in protocols)
         assert evaluation["protocols"]["clean"]["top1"] == pytest.approx(
-            float(np.mean(z["clean"] == _test_labels(digits_dir))), abs=1e-12)
+            float(np.mean(z[f"{key}/clean/pred"] == _test_labels(digits_dir))), abs=1e-12)
     assert sorted(p.name for p in out.parent.iterdir()) == ["e.json", "p.npz"]  # no temp file left beside them
 
 

@@ -28,7 +28,8 @@ def test_shipped_digits_configs_validate(name):
 @pytest.mark.parametrize("name", ["paper-imagenet.yaml", "tinyimagenet.yaml"])
 def test_paper_configs_validate_against_a_dataset_folder(tmp_path, name):
     for sub in ("train", "val"):
-        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "n01440764").mkdir(parents=True)
+        (tmp_path / sub / "n01440764" / "0.JPEG").write_bytes(b"")  # the check looks for image names, not pixels
     cfg = yaml.safe_load((REPO / "config" / name).read_text())
     cfg["dataset"]["root"] = str(tmp_path)
     out = validate_config(cfg, name)
@@ -49,6 +50,11 @@ def test_paper_configs_validate_against_a_dataset_folder(tmp_path, name):
         (lambda c: c["dataset"].update(kind="imagefolder"), "dataset.root", "expected the folder"),
         (lambda c: c["models"]["vit"].update(pretrained="/no/weights.safetensors"), "models.vit.pretrained", "does not exist"),
         (lambda c: c.update(seeds=[0, 0]), "seeds", "non-unique"),
+        (lambda c: c.update(finetune=None), "noises.3.apply", "train+eval needs a fine-tuning"),
+        (lambda c: c.update(pretrain=None), "models.vit.skip_pretrain", "pretrain is null"),
+        (lambda c: c["noises"][1].update(detach=True), "noises.1.detach", "only the linear noises"),
+        (lambda c: c["noises"][4].update(neighbour="left"), "noises.4.neighbour", "previous, next"),
+        (lambda c: c["models"]["resnet"].update(reported_metric="mean"), "models.resnet.reported_metric", "running, plain"),
     ],
 )
 def test_each_mistake_is_one_sentence_naming_file_and_key(edit, key, expected):

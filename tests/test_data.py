@@ -1,6 +1,6 @@
 """Tests of noisynn/data.py: test orders, the released metric, digits splits and ImageFolder datasets.
 
-What a user relies on: each evaluation order is what its name says (PAPER.md §6: class-pure
+What a user relies on: each evaluation order is what its name says (docs/paper.md §6: class-pure
 against class-mixed batches, the released class-sorted order, a seeded shuffle) and covers every
 test image exactly once; the released metric is the running-accuracy mean the released code
 reports; a prepared dataset is the same dataset every time; and a broken ImageFolder is reported
@@ -13,10 +13,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_image_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import write_image_folder
 from noisynn.data import ORDERS, load_dataset, prepare_digits, prepare_image_folder, released_metric
 from noisynn.data import test_batches as order_batches  # aliased: pytest would collect a test_* name
 from noisynn.errors import UserError
@@ -323,8 +323,9 @@ def test_image_folder_uses_the_normalization_of_the_models_weights(image_folder,
 
 
 def test_corrupt_image_met_while_loading_is_named(image_folder, tmp_path):
-    prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
-    (image_folder / "val" / "dog" / "1.png").write_bytes(b"not a png")  # broken after preparing
+    (image_folder / "val" / "dog" / "1.png").write_bytes(b"not a png")
+    # prepared without opening every image, the broken file is first met when a batch reads it
+    prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8, verify_images=False)
     data = load_dataset(tmp_path / "prepared", train_augment=False)
     with pytest.raises(UserError, match=r"image .*dog/1\.png cannot be read"):
         list(data.test.batches([np.arange(6)], num_workers=0))

@@ -7,6 +7,7 @@ trajectory as one process up to floating-point summation order: it must end at t
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from workflow_helpers import REPO, copy_repo, snakemake
 
 # The tiny config's ViT at 8 px: under a second per epoch on one CPU.
@@ -24,24 +24,25 @@ VIT_8PX = {
     "kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2},
 }
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-FINETUNE_ARGS = ["--epochs", "2", "--batch-size", "64", "--lr", "3e-4", "--warmup-epochs", "0", "--seed", "0"]
+FINETUNE_ARGS = ["--train", json.dumps({"epochs": 2, "batch_size": 64, "lr": 3e-4, "warmup_epochs": 0}), "--seed", "0"]
 
 
-def noisynn(*args: str, launcher: list[str] | None = None, timeout: float = 300) -> str:
-    """Run `python [launcher] -m noisynn args` with the repository importable; return its output."""
+def noisynn(*args: str, launcher: list[str] | None = None, timeout: float = 300, script: str | None = None,
+            expect: int = 0) -> str:
+    """Run `python [launcher] -m noisynn args` (or a script) with the repository importable; return its output."""
     # One thread per process, as Snakemake gives its jobs (and torchrun its workers): on a busy
     # two-core machine, two threads per process make these tiny models several times slower.
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, *(launcher or []), "-m", "noisynn", *args]
+    command = [sys.executable, *(launcher or []), *([script] if script else ["-m", "noisynn"]), *args]
     ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert ran.returncode == 0, f"{' '.join(command)} failed ({ran.returncode}):\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+    assert ran.returncode == expect, f"{' '.join(command)} failed ({ran.returncode}):\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
     return ran.stdout
 
 
 def clean_top1(checkpoint: Path, data: Path, out: Path) -> float:
     noisynn("evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--protocols", "clean")
-    return json.loads(out.read_text())["protocols"]["clean"]["top1"]
+    return json.loads(out.read_text())["evaluations"][0]["protocols"]["clean"]["top1"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path]:
     data = root / "data"
     noisynn("prepare", "--kind", "digits", "--image-size", "8", "--seed", "0", "--out", str(data))
     noisynn("pretrain", "--data", str(data), "--out", str(root / "pretrain"), "--model", json.dumps(VIT_8PX),
-            "--epochs", "8", "--batch-size", "64", "--lr", "3e-3", "--warmup-epochs", "0", "--seed", "0")
+            "--train", json.dumps({"epochs": 8, "batch_size": 64, "lr": 3e-3, "warmup_epochs": 0}), "--seed", "0")
     return data, root / "pretrain" / "model.safetensors"
 
 
@@ -73,6 +74,33 @@ def test_two_process_finetuning_matches_one_process_and_writes_one_checkpoint(pr
     two = clean_top1(double / "model.safetensors", data, tmp_path / "two.json")
     assert one > 0.4, f"the model is too weak for the comparison to mean anything ({one:.3f}; chance is 0.1)"
     assert abs(one - two) <= 0.01, f"clean top-1: {one:.4f} with one process, {two:.4f} with two"
+
+
+@pytest.mark.slow
+def test_two_process_resume_with_training_noise_is_bit_exact(pretrained, tmp_path):
+    """Stopped mid-epoch and resumed, a 2-process run with Gaussian training noise ends as an uninterrupted one.
+
+    Each rank draws its own noise and counts its own share of the loss: the resume must restore both
+    per rank (weights and summary.csv, including the interrupted epoch's train_loss, bit for bit).
+    """
+    from conftest import assert_same_tensors
+
+    data, init = pretrained
+    script = str(Path(__file__).with_name("distributed_stop.py"))
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    noisynn("0", str(data), str(init), str(whole), launcher=TORCHRUN_2, script=script)
+    noisynn("5", str(data), str(init), str(resumed), launcher=TORCHRUN_2, script=script, expect=143)
+    assert sorted(p.name for p in (resumed / "recovery").iterdir()) == ["rank-0.safetensors", "rank-1.safetensors",
+                                                                        "state.json", "state.safetensors"]
+    out = noisynn("0", str(data), str(init), str(resumed), launcher=TORCHRUN_2, script=script)
+    assert "resuming" in out and "epoch 0 step 5" in out
+    assert_same_tensors(whole / "model.safetensors", resumed / "model.safetensors")
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"}
+                for r in csv.DictReader((run / "summary.csv").read_text().splitlines())]
+
+    assert rows(resumed) == rows(whole)
 
 
 def test_workflow_launches_torchrun_when_a_model_asks_for_two_processes(tmp_path):

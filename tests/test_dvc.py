@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_image_folder
 from workflow_helpers import BIN, REPO, copy_repo, job_counts
 
@@ -61,13 +60,16 @@ def test_stage_caches_data_checkpoints_and_evaluations_and_never_deletes_them():
 def test_stage_names_the_model_folders_of_the_config_it_runs():
     """dvc.yaml lists one folder per model; a model added to config/config.yaml must be added there."""
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    folders = {Path(p).name for p in out_entries(dvc_stage())} - {"data", "evaluations.csv", *COMMITTED}
+    folders = {Path(p).name for p in out_entries(dvc_stage())} - {"data", "evaluations.csv", "sweeps.csv", *COMMITTED}
     assert folders == set(config["models"])
 
 
 def test_stage_depends_on_code_workflow_and_the_config_it_runs():
     stage = dvc_stage()
-    assert set(stage["deps"]) >= {"Snakefile", "workflow", "noisynn", "config/paper_results.csv"}
+    # the code enters as its per-step digests (noisynn/codedigest.py), which the code stage writes from noisynn/
+    assert set(stage["deps"]) >= {"Snakefile", "workflow", "results/code-digest.json", "config/paper_results.csv"}
+    code = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["code"]
+    assert code["deps"] == ["noisynn"] and "noisynn.codedigest --out results/code-digest.json" in code["cmd"]
     assert {"config/config.yaml": None} in stage["params"], "the params are the whole config Snakemake reads"
     assert yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"] == ["config/config.yaml:dataset"]
 
@@ -239,7 +241,7 @@ def test_metrics_and_plots_show_the_pulled_results(env, lab_one, lab_two, tmp_pa
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "Top-1 of every setting under every evaluation protocol" in html  # the audit plot
     assert "Top-1 against noise strength" in html
-    for name in ("audit", "strength", "layers", "entropy"):
+    for name in ("headline", "audit", "strength", "layers", "entropy", "batch_size", "purity"):
         assert f"figures_{name}.png" in html
 
 

@@ -1,4 +1,4 @@
-"""Tests of noisynn/entropy.py: the closed forms of ΔS (PAPER.md §3) against the explicit matrices.
+"""Tests of noisynn/entropy.py: the closed forms of ΔS (docs/paper.md §3) against the explicit matrices.
 
 Every closed form must agree with ΔS = -log|det(I + Q)| computed by slogdet from the quality
 matrix that the noise operators themselves use, over the range of k a user meets (2…64), and
@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_user_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,6 @@ from noisynn.entropy import (
 )
 from noisynn.errors import UserError
 from noisynn.noise import NoiseSpec, quality_matrix
-from conftest import assert_user_error
 
 KS = range(2, 65)
 ALPHAS = [0.0, 0.1, 0.3, 0.49, 0.5, 0.51, 0.7, 0.9, 1.0]

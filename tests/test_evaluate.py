@@ -1,4 +1,4 @@
-"""Tests of noisynn/evaluate.py: one checkpoint under every protocol of PAPER.md §6.
+"""Tests of noisynn/evaluate.py: one checkpoint under every protocol of docs/paper.md §6.
 
 What a user relies on: at batch size 1 the batch-axis optimal-Q noise is the plain model (the
 ``batch1`` protocol predicts exactly what ``clean`` predicts); the fast path that caches the
@@ -76,7 +76,8 @@ def test_results_hold_every_protocol_and_follow_from_the_predictions(vit_run, di
     assert set(result["protocols"]) == set(PROTOCOLS)
     json.dumps({k: v for k, v in result.items() if k != "predictions"})  # the CLI writes it as JSON
     for name, r in result["protocols"].items():
-        order, batch_size, noise_on = PROTOCOL_DEFS[name]
+        p = PROTOCOL_DEFS[name]
+        order, batch_size, noise_on = p.order, p.batch_size, p.noise_on
         pred = result["predictions"][name]
         assert r["n"] == len(test_labels) == len(pred)
         assert r["top1"] == pytest.approx(float(np.mean(pred == test_labels)), abs=1e-12)
@@ -95,7 +96,7 @@ def test_results_hold_every_protocol_and_follow_from_the_predictions(vit_run, di
 
 
 def test_class_pure_batches_pool_evidence_and_class_mixed_ones_do_not(resnet_run, digits_dir):
-    # the audit's central effect (PAPER.md §6): on the same model, batch-axis Q* helps only when a
+    # the audit's central effect (docs/paper.md §6): on the same model, batch-axis Q* helps only when a
     # batch's images share their label. Checked as an inequality, not a copied number.
     result = evaluate_checkpoint(resnet_run.checkpoint, digits_dir, OPTIMAL_BATCH, resnet_run.last_site,
                                  protocols=("class_pure", "class_mixed"))

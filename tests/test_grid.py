@@ -1,11 +1,15 @@
-"""The experiment grid: readable unique paths, and eval-only noise reusing the vanilla training."""
+"""The experiment grid: readable unique paths, eval-only noise reusing the vanilla training, and the
+evaluation groups (one job, one pass up to the site, per checkpoint and site)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from noisynn.config import load_config
-from noisynn.grid import Grid, noise_token
+import yaml
+
+from noisynn.config import load_config, validate_config
+from noisynn.grid import Grid
+from noisynn.vocab import RELEASED_NOISE, noise_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -13,6 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_noise_tokens_are_readable_and_distinct():
     assert noise_token({"kind": "gaussian", "strength": 0.5, "mean": 0.0, "std": 1.0}) == "gaussian_s0.5"
     assert noise_token({"kind": "linear-shift", "alpha": 0.3, "axis": "rows"}) == "linear-shift_a0.3_rows"
+    # the released CNN variant is its own setting; the eq. 17 defaults keep the old token
+    assert noise_token({"kind": "linear-shift", "alpha": 0.3, "axis": "batch", "neighbour": "next", "detach": True}) \
+        == "linear-shift_a0.3_batch_next_detach"
+    assert noise_token({"kind": "linear-shift", "alpha": 0.3, "axis": "batch", "neighbour": "previous",
+                        "detach": False}) == "linear-shift_a0.3_batch"
     grid = Grid(load_config(REPO / "config/config.yaml"))
     tokens = list(grid.noises)
     assert len(tokens) == len(set(tokens))
@@ -32,11 +41,64 @@ def test_eval_only_noise_reuses_the_vanilla_checkpoint():
     assert len(vanilla) == len(grid.config["models"]) * len(grid.config["seeds"])
 
 
-def test_every_evaluation_has_a_distinct_path_and_the_layer_sweep_adds_sites():
+def test_every_evaluation_has_a_distinct_record_and_the_layer_sweep_adds_sites():
     cfg = load_config(REPO / "config/config.yaml")
     grid = Grid(cfg)
-    paths = grid.evaluation_files()
+    paths = [e.path for e in grid.evaluations]
     assert len(paths) == len(set(paths))
     for model, m in cfg["models"].items():
         swept = {e.site for e in grid.evaluations if e.model == model and e.noise == "linear-optimal_batch" and e.apply == "eval"}
         assert swept == set(m["layer_sweep_sites"]) | {m["site"]}
+        # only the evaluations at the configured site are the model's default-site ones
+        assert all(e.default_site == (e.site in (m["site"], "none")) for e in grid.evaluations if e.model == model)
+
+
+def test_groups_share_one_checkpoint_and_one_site_and_cover_every_evaluation_once():
+    cfg = load_config(REPO / "config/config.yaml")
+    grid = Grid(cfg)
+    members = [e for g in grid.groups for e in g.evaluations]
+    assert sorted(members, key=repr) == sorted(grid.evaluations, key=repr)
+    assert len(grid.group_files()) == len(set(grid.group_files())) == len(grid.groups)
+    for g in grid.groups:
+        assert {grid.checkpoint(e) for e in g.evaluations} == {g.checkpoint}
+        assert {e.site for e in g.evaluations} <= {g.site, "none"}
+        assert len({e.seed for e in g.evaluations}) == 1
+    # the vanilla model is evaluated in the pass of its default site, with every eval-only setting there
+    for model, m in cfg["models"].items():
+        vanilla = [g for g in grid.groups if g.model == model and any(e.noise == "none" for e in g.evaluations)]
+        assert all(g.site == m["site"] and g.train == "none" for g in vanilla)
+        assert all(len(g.evaluations) > 5 for g in vanilla)
+    # 2 seeds × (vit: default site + 3 more sweep sites + 5 noise-trained checkpoints;
+    # resnet: default + 3 + 4) = 2 × (9 + 8) = 34 jobs for the 76 evaluations
+    assert len(grid.evaluations) == 76 and len(grid.groups) == 34
+
+
+def test_sweeps_go_with_the_released_recipe_at_the_default_site_only():
+    cfg = load_config(REPO / "config/config.yaml")
+    cfg["evaluate"]["sweeps"] = True
+    grid = Grid(cfg)
+    flagged = [s for g in grid.groups for s in grid.settings(g) if s.get("sweeps")]
+    assert len(flagged) == len(cfg["models"]) * len(cfg["seeds"])
+    assert all(s["noise"] == RELEASED_NOISE and s["apply"] == "eval" and s["site"] == cfg["models"][s["model"]]["site"]
+               for s in flagged)
+    cfg["evaluate"]["sweeps"] = False
+    assert not any(s.get("sweeps") for g in Grid(cfg).groups for s in Grid(cfg).settings(g))
+
+
+def test_without_finetuning_every_evaluation_uses_the_weights_as_loaded(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(1)}, str(weights))  # a readable file: the grid does not look inside
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["finetune"] = None
+    cfg["pretrain"] = None
+    for m in cfg["models"].values():
+        m.update(pretrained=str(weights), skip_pretrain=True)
+    for entry in cfg["noises"]:
+        entry.pop("apply", None)
+    grid = Grid(validate_config(cfg, "tiny-audit"))
+    assert {grid.checkpoint(e) for e in grid.evaluations} == {
+        f"results/digits-tiny/{m}/imported/model.safetensors" for m in cfg["models"]}
+    assert not any(e.trains_with_noise for e in grid.evaluations)

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import RESNET_MODEL, VIT_MODEL, state_of
+
 from noisynn.errors import UserError
 from noisynn.models import (
     CHECKPOINT_FORMAT,

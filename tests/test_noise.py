@@ -2,20 +2,22 @@
 
 The linear-transform operators are checked against the explicit matrices (I + Q)X built in float64
 from ``quality_matrix``, on every axis a user can pick, and against the released ViT code's own
-formula; the random ones against their distributions and their seeding; every user mistake must
-be one sentence that names the parameter.
+formula; the released NoisyCNN variant (the next neighbour, the noise term detached) against its
+formula written out element by element and its gradient; the random ones against their
+distributions and their seeding; every user mistake must be one sentence that names the parameter.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from conftest import assert_user_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_user_error
 from noisynn.errors import UserError
 from noisynn.noise import (
     NoiseSpec,
@@ -456,3 +458,200 @@ def test_negative_std_or_prefix_count_is_a_user_error():
     with pytest.raises(UserError) as e:
         linear_transform(_randn(2, 5, 3), num_prefix_tokens=-1)
     assert_user_error(e, "num_prefix_tokens", ">= 0")
+
+
+# --- the released NoisyCNN shift: the next neighbour, the noise term detached ----------------
+
+
+def _by_formula(x: torch.Tensor, dim: int, alpha: float, neighbour: str) -> torch.Tensor:
+    """x'_i = (1 - alpha)·x_i + alpha·x_(i∓1 mod k) along ``dim``, element by element."""
+    out = torch.empty_like(x)
+    k = x.shape[dim]
+    step = -1 if neighbour == "previous" else 1
+    for index in itertools.product(*(range(n) for n in x.shape)):
+        other = list(index)
+        other[dim] = (index[dim] + step) % k
+        out[index] = (1 - alpha) * x[index] + alpha * x[tuple(other)]
+    return out
+
+
+@pytest.mark.parametrize("neighbour", ["previous", "next"])
+@pytest.mark.parametrize(
+    "shape, axis, layout, dim",
+    [
+        ((4, 3), "batch", None, 0),
+        ((4, 3), "features", None, 1),
+        ((4, 2, 3, 2), "batch", None, 0),
+        ((4, 2, 3, 2), "rows", None, 2),
+        ((4, 3, 3, 2), "features", None, 1),
+        ((4, 3, 2, 3), "batch", "nhwc", 0),
+        ((4, 3, 2, 3), "rows", "nhwc", 1),
+        ((4, 3, 2, 5), "features", "nhwc", 3),
+        ((4, 4, 3), "batch", "tokens", 0),
+        ((4, 4, 3), "features", "tokens", 2),
+    ],
+)
+def test_shift_neighbours_follow_their_formulas_element_by_element(neighbour, shape, axis, layout, dim):
+    x = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) ** 1.5
+    out = linear_transform(x, "shift", axis, alpha=0.3, neighbour=neighbour, layout=layout)
+    torch.testing.assert_close(out, _by_formula(x, dim, 0.3, neighbour), rtol=1e-12, atol=1e-12)
+    # the spec threads the neighbour through, and k is the size of that dimension
+    spec = NoiseSpec("linear-shift", axis=axis, alpha=0.3, neighbour=neighbour)
+    assert torch.equal(apply_noise(spec, x, layout=layout), out)
+    assert mixed_axis_size(spec, shape, layout=layout) == shape[dim]
+
+
+@pytest.mark.parametrize("neighbour", ["previous", "next"])
+def test_shift_neighbours_on_the_rows_of_a_token_grid_with_a_class_token(neighbour):
+    b, side, d = 2, 3, 2
+    x = _randn(b, 1 + side * side, d, seed=31)
+    out = linear_transform(x, "shift", "rows", alpha=0.4, num_prefix_tokens=1, neighbour=neighbour)
+    grid = x[:, 1:].reshape(b, side, side, d)
+    expected = _by_formula(grid, 1, 0.4, neighbour).reshape(b, side * side, d)
+    torch.testing.assert_close(out[:, 1:], expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[:, :1], x[:, :1])
+
+
+def test_next_neighbour_quality_matrix_is_the_transpose_and_matches_the_operator():
+    k, alpha = 5, 0.3
+    q_prev = quality_matrix("shift", k, alpha)
+    q_next = quality_matrix("shift", k, alpha, neighbour="next")
+    torch.testing.assert_close(q_next, q_prev.T)
+    eye = torch.eye(k, dtype=torch.float64)
+    for i in range(k):
+        assert q_next[i, (i + 1) % k] == pytest.approx(alpha)
+        assert q_next[i, i] == pytest.approx(-alpha)
+        assert int((q_next[i] != 0).sum()) == 2
+    x = _randn(k, 7, seed=32)
+    torch.testing.assert_close(
+        (eye + q_next) @ x, linear_transform(x, "shift", "batch", alpha=alpha, neighbour="next"), rtol=1e-12, atol=1e-12
+    )
+    # the same determinant, hence the same ΔS, for both neighbours
+    assert float(torch.linalg.det(eye + q_next)) == pytest.approx(float(torch.linalg.det(eye + q_prev)), abs=1e-12)
+    # the optimal Q has no neighbour: accepted and ignored
+    torch.testing.assert_close(quality_matrix("optimal", k, neighbour="next"), quality_matrix("optimal", k))
+    assert torch.equal(
+        linear_transform(x, "optimal", "batch", neighbour="next"), linear_transform(x, "optimal", "batch")
+    )
+
+
+@pytest.mark.parametrize("kind", ["optimal", "shift"])
+@pytest.mark.parametrize("neighbour", ["previous", "next"])
+@pytest.mark.parametrize(
+    "shape, axis, layout, dim, prefix",
+    [((4, 3), "batch", None, 0, 0), ((3, 2, 4, 2), "rows", None, 2, 0), ((3, 2, 2, 4), "features", "nhwc", 3, 0),
+     ((4, 1 + 4, 3), "batch", None, 0, 1)],
+)
+def test_detach_keeps_the_value_and_makes_the_gradient_the_identity(kind, neighbour, shape, axis, layout, dim, prefix):
+    x = _randn(*shape, seed=33)
+    w = _randn(*shape, seed=34)
+    grads = {}
+    for detach in (False, True):
+        xi = x.clone().requires_grad_(True)
+        out = linear_transform(xi, kind, axis, alpha=0.3, num_prefix_tokens=prefix, neighbour=neighbour,
+                               detach=detach, layout=layout)
+        (w * out).sum().backward()
+        grads[detach] = (out.detach(), xi.grad)
+    assert torch.equal(grads[True][0], grads[False][0])  # the forward value is bit-identical
+    assert torch.equal(grads[True][1], w)  # backward sees the identity
+    # without detach the gradient is (I + Q)ᵀ w along the mixed axis (prefix tokens: the identity)
+    k = shape[dim]
+    m = torch.eye(k, dtype=torch.float64) + quality_matrix(kind, k, 0.3, neighbour=neighbour)
+    if prefix:
+        expected = torch.cat([w[:, :prefix], _apply_matrix(m.T, w[:, prefix:], dim)], dim=1)
+    else:
+        expected = _apply_matrix(m.T, w, dim)
+    torch.testing.assert_close(grads[False][1], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_detach_in_a_spec_reaches_the_operator_for_every_kind():
+    x = _randn(4, 5, 3, seed=35)
+    w = _randn(4, 5, 3, seed=36)
+    for spec in (
+        NoiseSpec("linear-shift", alpha=0.3, neighbour="next", detach=True),
+        NoiseSpec("linear-optimal", axis="features", detach=True),
+        NoiseSpec("impulse", strength=0.5, detach=True),
+    ):
+        xi = x.clone().requires_grad_(True)
+        out = apply_noise(spec, xi, _gen(0), num_prefix_tokens=1)
+        (w * out).sum().backward()
+        assert torch.equal(xi.grad, w), spec.kind
+        plain = apply_noise(NoiseSpec(**{**spec.to_dict(), "detach": False}), x, _gen(0), num_prefix_tokens=1)
+        assert torch.equal(out.detach(), plain), spec.kind
+
+
+def test_spec_neighbour_and_detach_round_trip_and_default_to_the_paper():
+    spec = NoiseSpec("linear-shift", alpha=0.2, neighbour="next", detach=True)
+    d = spec.to_dict()
+    assert d["neighbour"] == "next" and d["detach"] is True
+    assert NoiseSpec.from_dict(d) == spec
+    old = NoiseSpec.from_dict({"kind": "linear-shift", "alpha": 0.2, "axis": "batch"})
+    assert old.neighbour == "previous" and old.detach is False
+    x = _randn(4, 3, seed=37)
+    torch.testing.assert_close(apply_noise(old, x), _by_formula(x, 0, 0.2, "previous"), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["prev", "Next", "", 1, None])
+def test_unknown_neighbour_is_a_user_error(bad):
+    with pytest.raises(UserError) as e:
+        NoiseSpec("linear-shift", neighbour=bad)
+    assert_user_error(e, "neighbour", "previous", "next", repr(bad))
+    with pytest.raises(UserError) as e:
+        linear_transform(_randn(3, 2), "shift", neighbour=bad)
+    assert_user_error(e, "neighbour", "previous", "next")
+    with pytest.raises(UserError) as e:
+        quality_matrix("shift", 3, neighbour=bad)
+    assert_user_error(e, "neighbour", "previous", "next")
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0, None])
+def test_non_boolean_detach_is_a_user_error(bad):
+    with pytest.raises(UserError) as e:
+        NoiseSpec("linear-optimal", detach=bad)
+    assert_user_error(e, "detach", "true or false", repr(bad))
+
+
+# --- layouts ---------------------------------------------------------------------------------
+
+
+def test_nhwc_layout_mixes_h_for_rows_and_c_for_features_and_k_follows():
+    x = _randn(2, 3, 4, 5, seed=38)  # (B, H, W, C)
+    for axis, dim in (("rows", 1), ("features", 3), ("batch", 0)):
+        out = linear_transform(x, "optimal", axis, layout="nhwc")
+        torch.testing.assert_close(out, _explicit(x, "optimal", dim), rtol=1e-12, atol=1e-12)
+        spec = NoiseSpec("linear-optimal", axis=axis)
+        assert mixed_axis_size(spec, tuple(x.shape), layout="nhwc") == x.shape[dim]
+    # without the layout the rank decides: (B, C, H, W)
+    assert mixed_axis_size(NoiseSpec("linear-optimal", axis="rows"), (2, 3, 4, 5)) == 4
+    assert mixed_axis_size(NoiseSpec("linear-optimal", axis="features"), (2, 3, 4, 5)) == 3
+
+
+def test_site_layouts_windows_and_unknown_in_mixed_axis_size():
+    rows = NoiseSpec("linear-optimal", axis="rows")
+    assert mixed_axis_size(rows, (16, 16, 8), num_prefix_tokens=1, layout="windows") == 4  # no prefix in windows
+    assert mixed_axis_size(NoiseSpec("linear-optimal", axis="batch"), (6, 2, 3, 4), layout="unknown") == 6
+    assert mixed_axis_size(NoiseSpec("gaussian"), (6, 2, 3, 4), layout="unknown") is None
+    with pytest.raises(UserError) as e:
+        mixed_axis_size(rows, (6, 2, 3, 4), layout="unknown")
+    assert_user_error(e, "(6, 2, 3, 4)", "rows")
+
+
+def test_a_layout_that_does_not_fit_the_tensor_or_lacks_the_axis_is_a_user_error():
+    with pytest.raises(UserError) as e:
+        linear_transform(_randn(2, 3, 4), "optimal", "batch", layout="nhwc")
+    assert_user_error(e, "nhwc", "rank 4", "rank 3")
+    with pytest.raises(UserError) as e:
+        linear_transform(_randn(2, 3, 4, 5), "optimal", "batch", layout="nhcw")
+    assert_user_error(e, "layout", "nhcw", "tokens", "nchw", "nhwc", "features")
+    with pytest.raises(UserError) as e:
+        mixed_axis_size(NoiseSpec("linear-optimal", axis="rows"), (4, 9))
+    assert_user_error(e, "rows", "(4, 9)")
+    with pytest.raises(UserError) as e:
+        apply_noise(NoiseSpec("gaussian"), _randn(2, 3), _gen(0), layout="flat")
+    assert_user_error(e, "layout", "flat")
+
+
+def test_gaussian_on_an_nhwc_map_ignores_the_prefix_count():
+    x = _randn(2, 3, 3, 4, seed=39, dtype=torch.float32)
+    out = apply_noise(NoiseSpec("gaussian"), x, _gen(1), num_prefix_tokens=1, layout="nhwc")
+    assert bool((out != x).all())

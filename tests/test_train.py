@@ -25,8 +25,8 @@ import pytest
 import timm
 import torch
 import yaml
-
 from conftest import assert_same_tensors, cli_env
+
 from noisynn.errors import UserError
 from noisynn.evaluate import evaluate_checkpoint
 from noisynn.train import EXIT_INTERRUPTED, TrainConfig, train
@@ -48,8 +48,7 @@ def _finetune_config(vit_run, digits_dir, out_dir: Path, **overrides) -> TrainCo
         seed=3,
         noise=GAUSSIAN,
         site=vit_run.last_site,
-        apply_noise_at_train=True,
-        apply_noise_at_eval=True,
+        apply="train+eval",
     )
     return TrainConfig(**{**settings, **overrides})
 
@@ -92,7 +91,7 @@ def test_small_recipe_reaches_its_clean_accuracy(request, digits_dir, run, floor
 def test_resume_after_stop_mid_epoch_equals_an_uninterrupted_run(vit_run, digits_dir, tmp_path, uninterrupted_finetune):
     out = tmp_path / "interrupted"
     with pytest.raises(SystemExit) as stopped:
-        train(_finetune_config(vit_run, digits_dir, out, stop_after_steps=50))
+        train(_finetune_config(vit_run, digits_dir, out), stop_after_steps=50)
     assert stopped.value.code == EXIT_INTERRUPTED
     state = json.loads((out / "recovery" / "state.json").read_text())
     assert (state["epoch"], state["step"]) == (1, 50 - 34)  # stopped inside the second epoch
@@ -154,7 +153,7 @@ def test_rerun_with_other_settings_starts_over_and_same_settings_give_the_same_w
 
     # an interrupted run whose settings then change must not resume the old state
     with pytest.raises(SystemExit):
-        train(TrainConfig(**{**asdict(cfg), "epochs": 2, "stop_after_steps": 20}))
+        train(TrainConfig(**{**asdict(cfg), "epochs": 2}), stop_after_steps=20)
     capsys.readouterr()
 
     # a workflow rerun after a settings change must not hand back the old weights
@@ -167,14 +166,19 @@ def test_rerun_with_other_settings_starts_over_and_same_settings_give_the_same_w
     assert_same_tensors(out / "model.safetensors", fresh / "model.safetensors")
 
 
-def test_finetune_on_data_the_model_cannot_take_is_a_user_error(vit_run, tmp_path):
+def test_finetune_on_data_of_another_size_is_a_transfer_said_and_recorded(vit_run, tmp_path, capsys):
     from noisynn.data import prepare_digits
 
     prepare_digits(tmp_path / "digits8", image_size=8)
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "digits8"), stage="finetune",
-                      init_checkpoint=str(vit_run.checkpoint), epochs=1)
-    with pytest.raises(UserError, match=r"16×16 px.*8×8 px"):
-        train(cfg)
+                      init_checkpoint=str(vit_run.checkpoint), epochs=1, batch_size=64, lr=1e-3, warmup_epochs=0)
+    train(cfg)
+    assert "transfer from data" in capsys.readouterr().out  # never in silence
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    pretrained = json.loads(vit_run.checkpoint.with_suffix(".json").read_text())
+    assert meta["transfer"]["pretrain_data_fingerprint"] == pretrained["data_fingerprint"]
+    assert "input 16 → 8 px" in meta["transfer"]["adapted"]
+    assert meta["image_size"] == 8
 
 
 @pytest.mark.parametrize(
@@ -186,11 +190,13 @@ def test_finetune_on_data_the_model_cannot_take_is_a_user_error(vit_run, tmp_pat
         ({"epochs": 0}, "epochs"),
         ({"lr": 0.0}, "lr"),
         ({"init_checkpoint": None}, "init_checkpoint"),
+        ({"batch_size": None}, "batch_size is required"),
+        ({"apply": "train"}, "eval, train\\+eval"),
     ],
 )
 def test_bad_training_settings_are_user_errors(resnet_run, digits_dir, tmp_path, overrides, key):
     settings = dict(out_dir=str(tmp_path / "run"), data_dir=str(digits_dir), stage="finetune",
-                    init_checkpoint=str(resnet_run.checkpoint), epochs=1)
+                    init_checkpoint=str(resnet_run.checkpoint), epochs=1, batch_size=32, lr=1e-3, warmup_epochs=0)
     with pytest.raises(UserError, match=key):
         train(TrainConfig(**{**settings, **overrides}))
 
@@ -199,9 +205,9 @@ def test_bad_training_settings_are_user_errors(resnet_run, digits_dir, tmp_path,
 def test_sigterm_then_rerun_via_cli_ends_with_the_weights_of_an_uninterrupted_run(resnet_run, digits_dir, tmp_path):
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "noisynn", "finetune", "--data", str(digits_dir), "--init", str(resnet_run.checkpoint),
-                "--out", str(out), "--epochs", "6", "--batch-size", "32", "--lr", "5e-4", "--warmup-epochs", "0",
+                "--out", str(out), "--train", json.dumps({"epochs": 6, "batch_size": 32, "lr": 5e-4, "warmup_epochs": 0}),
                 "--seed", "5", "--noise", json.dumps({"kind": "impulse", "strength": 0.05}), "--site", resnet_run.last_site,
-                "--noise-at", "train,eval"]
+                "--apply", "train+eval"]
 
     reference = tmp_path / "reference"
     done = subprocess.run(command(reference), capture_output=True, text=True, env=cli_env(), timeout=600)
@@ -235,7 +241,7 @@ def test_interrupted_copy_of_a_run_folder_resumes_elsewhere(vit_run, digits_dir,
     # a scheduler may restart the job on another node with the folder synced to another path
     first = tmp_path / "first"
     with pytest.raises(SystemExit):
-        train(_finetune_config(vit_run, digits_dir, first, stop_after_steps=20))
+        train(_finetune_config(vit_run, digits_dir, first), stop_after_steps=20)
     moved = tmp_path / "moved"
     shutil.move(first, moved)
     train(_finetune_config(vit_run, digits_dir, moved))
@@ -245,6 +251,7 @@ def test_interrupted_copy_of_a_run_folder_resumes_elsewhere(vit_run, digits_dir,
 def test_training_on_an_image_folder_end_to_end(tmp_path):
     """The ImageNet path at toy size: prepare, pretrain with timm's augmentation, evaluate."""
     from conftest import write_image_folder
+
     from noisynn.data import prepare_image_folder
     from noisynn.evaluate import evaluate_checkpoint
 

@@ -8,8 +8,11 @@ import subprocess
 import pytest
 import yaml
 from PIL import Image
-
 from workflow_helpers import BIN, REPO, copy_repo, job_counts, snakemake
+
+# the report: seven figures, each its own job, and the summary with every table
+REPORT = {**{f"figure_{n}": 1 for n in ("headline", "audit", "strength", "layers", "entropy", "batch_size", "purity")},
+          "summary": 1}
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +36,38 @@ def test_demo_config_dry_run_counts(repo_copy):
     counts = job_counts(out)
     # config/config.yaml, by hand: 2 seeds × (vit: none + 3 gaussian + 3 impulse + 2 axes × 2 modes
     # + rows × 2 modes + 2 alphas × 2 modes + 3 more layer-sweep sites = 20;
-    # resnet: 1 + 3 + 3 + 4 + 4 + 3 = 18) = 76 evaluations.
+    # resnet: 1 + 3 + 3 + 4 + 4 + 3 = 18) = 76 evaluations, in 34 jobs: per seed and model, one pass
+    # at the default site (the vanilla model and every eval-only setting there), one per other sweep
+    # site (3), one per noise-trained checkpoint (vit 5, resnet 4): 2 × (9 + 8) = 34.
     # Fine-tunings: 2 seeds × (vit: vanilla + 5 trained with noise; resnet: vanilla + 4) = 22:
     # noise at evaluation only reuses the vanilla fine-tuning.
-    assert counts == {"prepare_data": 1, "pretrain": 2, "finetune": 22, "evaluate": 76,
-                      "aggregate": 1, "figures": 1, "default": 1}
+    assert counts == {"prepare_data": 1, "pretrain": 2, "finetune": 22, "evaluate": 34,
+                      "aggregate": 1, **REPORT, "default": 1}
 
 
 def test_tiny_config_dry_run_counts(repo_copy):
     out = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", "config/tiny.yaml").stdout
     # 1 seed × (vit: none, gaussian, impulse, optimal eval, optimal train+eval, shift, sweep blocks.0 = 7;
-    # resnet likewise with layer3.0 = 7) = 14; fine-tunings: vanilla + optimal-trained per model = 4.
-    assert job_counts(out) == {"prepare_data": 1, "pretrain": 2, "finetune": 4, "evaluate": 14,
-                               "aggregate": 1, "figures": 1, "default": 1}
+    # resnet likewise with layer3.0 = 7) = 14 evaluations in 6 jobs (per model: the default site's
+    # pass, the other sweep site, the optimal-trained checkpoint); fine-tunings: vanilla + optimal-trained
+    # per model = 4.
+    assert job_counts(out) == {"prepare_data": 1, "pretrain": 2, "finetune": 4, "evaluate": 6,
+                               "aggregate": 1, **REPORT, "default": 1}
 
 
 @pytest.mark.parametrize(
     "config, counts",
     [
         # 10 models × (none + optimal × 2 modes + shift × 2 axes × 2 modes + gaussian 2 × 2 + impulse 2 × 2
-        # = 15) + layer sweeps (11 + 11 + 4 + 3 × 4 = 38) = 188; fine-tunings 10 × (1 + 1 + 2 + 2 + 2) = 80
-        ("config/paper-imagenet.yaml", {"pretrain": 10, "finetune": 80, "evaluate": 188}),
+        # = 15) + layer sweeps (11 + 11 + 4 + 3 × 4 = 38) = 188 evaluations in 10 default-site passes
+        # + 38 sweep sites + 10 × 7 noise-trained checkpoints = 118 jobs; fine-tunings 10 × 8 = 80;
+        # timm's weights are imported as loaded (no pretraining job)
+        ("config/paper-imagenet.yaml", {"import_weights": 10, "finetune": 80, "evaluate": 118}),
         # 4 models × 2 seeds × (none + 3 optimal axes × 2 + 2 shifts × 2 + 3 gaussian + 3 impulse = 17)
-        # + sweeps 4 × 3 × 2 = 24 → 160; fine-tunings 4 × 2 × (1 + 3 + 2) = 48
-        ("config/tinyimagenet.yaml", {"pretrain": 4, "finetune": 48, "evaluate": 160}),
+        # + sweeps 4 × 3 × 2 = 24 → 160 evaluations in 2 × (4 + 12 + 4 × 5) = 72 jobs; fine-tunings 48
+        ("config/tinyimagenet.yaml", {"import_weights": 4, "finetune": 48, "evaluate": 72}),
+        # the decisive audit: 10 models × 9 eval-only settings, one pass per model, no training job
+        ("config/imagenet-audit.yaml", {"import_weights": 10, "evaluate": 10}),
     ],
 )
 def test_paper_configs_dry_run_against_fake_imagefolder(repo_copy, fake_imagefolder, config, counts):
@@ -64,7 +75,10 @@ def test_paper_configs_dry_run_against_fake_imagefolder(repo_copy, fake_imagefol
                     "--config", f"dataset={{root: {fake_imagefolder}}}").stdout
     got = job_counts(out)
     assert {k: got[k] for k in counts} == counts
-    assert got["prepare_data"] == 1 and got["aggregate"] == 1 and got["figures"] == 1
+    assert got["prepare_data"] == 1 and got["aggregate"] == 1 and got["summary"] == 1
+    assert "pretrain" not in got
+    if "audit" in config:
+        assert "finetune" not in got, "the audit of released weights trains nothing"
 
 
 def test_paper_config_requests_gpus_declared(repo_copy, fake_imagefolder):
@@ -101,7 +115,7 @@ def test_broken_config_stops_before_any_job(repo_copy, tmp_path, edit, key):
     proc = snakemake(repo_copy, "--cores", "1", "--workflow-profile", "none", "--configfile", str(bad),
                      "--directory", str(work), check=False)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("noisynn: error: ") and str(bad) in lines[0] and key in lines[0]
     assert not (work / "results").exists() and not (work / "logs").exists()
@@ -119,14 +133,27 @@ def test_snakefiles_are_snakefmt_formatted():
     assert proc.returncode == 0, proc.stderr
 
 
+def _dry_counts(repo, *args) -> dict[str, int]:
+    dry = snakemake(repo, "-n", "--workflow-profile", "none", "--configfile", "config/tiny.yaml", *args)
+    return job_counts(dry.stdout + dry.stderr)
+
+
+def _edited(path, old: str, new: str):
+    """Edit a file of the copy; returns a function that restores it."""
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+    return lambda: path.write_text(text)
+
+
 @pytest.mark.slow
-def test_tiny_workflow_end_to_end_then_noop_then_incremental(repo_copy):
+def test_tiny_workflow_end_to_end_then_noop_then_code_changes_then_incremental(repo_copy):
     snakemake(repo_copy, "--cores", "2", "--workflow-profile", "none", "--configfile", "config/tiny.yaml", timeout=1200)
     out = repo_copy / "results/digits-tiny"
-    for name in ("audit", "strength", "layers", "entropy"):
+    for name in ("headline", "audit", "strength", "layers", "entropy", "batch_size", "purity"):
         for ext in ("png", "pdf"):
             assert (out / f"figures/{name}.{ext}").stat().st_size > 0
-    for name in ("audit", "strength", "layers", "entropy", "paper_vs_ours"):
+    for name in ("audit", "strength", "layers", "entropy", "changes", "paper_vs_ours"):
         for ext in ("csv", "md", "tex"):
             assert (out / f"tables/{name}.{ext}").stat().st_size > 0
     summary = (out / "SUMMARY.md").read_text()
@@ -137,23 +164,40 @@ def test_tiny_workflow_end_to_end_then_noop_then_incremental(repo_copy):
     # 14 evaluations × 6 protocols × 3 metrics, plus the header
     assert len(table) == 14 * 6 * 3 + 1
     assert "git_commit" in table[0] and "seed" in table[0]
-    # every job wrote its own log
-    assert len(list((repo_copy / "logs/evaluate").rglob("*.log"))) == 14
+    # every job wrote its own log; every cell of the regeneration lies in its own interval
+    assert len(list((repo_copy / "logs/evaluate").rglob("*.log"))) == 6
+    compare = subprocess.run([str(BIN / "noisynn"), "compare", str(out), str(out)], capture_output=True, text=True)
+    assert compare.returncode == 0 and "consistent with the reference:" in compare.stdout
 
     report = repo_copy / "results/report.html"
     snakemake(repo_copy, "--workflow-profile", "none", "--configfile", "config/tiny.yaml", "--report", str(report))
     html = report.read_text(errors="replace")
-    assert report.stat().st_size > 10_000 and "audit" in html
+    assert report.stat().st_size > 10_000 and "headline" in html
 
-    again = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", "config/tiny.yaml")
-    assert "Nothing to be done" in again.stdout + again.stderr
+    assert _dry_counts(repo_copy) == {}, "a second run must find nothing to do"
 
-    # one more gaussian strength: two new evaluations (one per model), the tables, nothing else
+    # Code is an input. A docstring or a comment changes nothing ...
+    restore = _edited(repo_copy / "noisynn/noise.py", '"""The noises of NoisyNN', '"""The noises (reworded) of NoisyNN')
+    assert _dry_counts(repo_copy) == {}
+    restore()
+    # ... the reporting code reruns the report only ...
+    restore = _edited(repo_copy / "noisynn/aggregate.py", 'rows.append(row)', 'rows.append(dict(row))')
+    assert _dry_counts(repo_copy) == {"aggregate": 1, **REPORT, "default": 1}
+    restore()
+    # ... and the noise code reruns every evaluation and the trainings whose noise trains, not the
+    # pretrainings nor the vanilla fine-tunings
+    restore = _edited(repo_copy / "noisynn/noise.py", "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1)",
+                      "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1.0)")
+    assert _dry_counts(repo_copy) == {"finetune": 2, "evaluate": 6, "aggregate": 1, **REPORT, "default": 1}
+    restore()
+    assert _dry_counts(repo_copy) == {}
+
+    # one more gaussian strength: it joins each model's default-site pass, which reruns, then the report
     cfg = yaml.safe_load((repo_copy / "config/tiny.yaml").read_text())
     cfg["noises"][1]["strength"] = [0.5, 1.0]
     grown = repo_copy / "config/tiny-grown.yaml"
     grown.write_text(yaml.safe_dump(cfg))
     dry = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(grown))
-    assert job_counts(dry.stdout) == {"evaluate": 2, "aggregate": 1, "figures": 1, "default": 1}
+    assert job_counts(dry.stdout) == {"evaluate": 2, "aggregate": 1, **REPORT, "default": 1}
     snakemake(repo_copy, "--cores", "2", "--workflow-profile", "none", "--configfile", str(grown), timeout=600)
     assert len((out / "evaluations.csv").read_text().splitlines()) == 16 * 6 * 3 + 1

@@ -6,15 +6,16 @@ from pathlib import Path
 REPO = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(REPO))
 
-from noisynn.config import check_models_known, job_environment, validate_config
+from noisynn.codedigest import step_digest
+from noisynn.config import check_models_and_sites, job_environment, validate_config
 from noisynn.errors import UserError
 from noisynn.grid import Grid
 
 CONFIG_SOURCE = ", ".join(str(p) for p in workflow.configfiles) or "the config"
 try:
     CFG = validate_config(config, CONFIG_SOURCE)
-    check_models_known(
-        CFG, CONFIG_SOURCE, Path(".snakemake/noisynn-known-timm-models.json")
+    check_models_and_sites(
+        CFG, CONFIG_SOURCE, Path(".snakemake/noisynn-checked-models.json")
     )
 except UserError as error:
     # one sentence and exit status 2, before any job: a config mistake is not a workflow bug
@@ -24,6 +25,9 @@ except UserError as error:
 GRID = Grid(CFG)
 DATASET = CFG["dataset"]["name"]
 DATA = f"results/{DATASET}/data"
+# transfer: the pretraining reads its own dataset (config key pretrain_dataset)
+PRETRAIN_DATASET = CFG["pretrain_dataset"]
+PRETRAIN_DATA = f"results/{DATASET}/pretrain-data" if PRETRAIN_DATASET else DATA
 
 # Jobs run `python -m noisynn` with this Python first on PATH (a conda env under --sdm conda
 # goes before it) and the repository on PYTHONPATH.
@@ -35,6 +39,7 @@ wildcard_constraints:
     dataset=r"[^/]+",
     model=r"[^/]+",
     noise=r"[^/]+",
+    train=r"[^/]+",
     site=r"[^/]+",
     seed=r"\d+",
     apply=r"eval|train\+eval",
@@ -60,34 +65,23 @@ def launcher(resources):
     return "exec python -m noisynn"
 
 
-def training_args(section):
-    t = CFG[section]
-    return (
-        f"--epochs {t['epochs']} --batch-size {t['batch_size']} --lr {t['lr']} "
-        f"--min-lr {t['min_lr']} --warmup-epochs {t['warmup_epochs']} --warmup-lr {t['warmup_lr']} "
-        f"--weight-decay {t['weight_decay']} --label-smoothing {t['label_smoothing']} "
-        f"--eval-batch-size {t['eval_batch_size']} --num-workers {t['num_workers']}"
-    )
+def training_json(section):
+    """The config's training section, passed whole (its keys and defaults live in the schema)."""
+    return q(CFG[section])
+
+
+def code_digest(step, with_noise=True):
+    """The digest of the code a step's jobs run: a param, so a code change reruns them."""
+    return step_digest(step, with_noise)
 
 
 def model_resources(model, key, default):
     return CFG["models"][model].get("resources", {}).get(key, default)
 
 
-# A pretraining that only wraps downloaded weights (skip_pretrain) needs no GPU and little time.
-WRAP_ONLY = {"gpu": 0, "nproc": 1, "threads": 1, "mem_mb": 16000, "runtime": 30}
-
-
-def pretrain_resources(model, key, default):
-    if CFG["models"][model]["skip_pretrain"]:
-        return WRAP_ONLY[key]
-    return model_resources(model, key, default)
-
-
-def prepare_args():
-    d = CFG["dataset"]
-    if d["kind"] == "digits":
-        return f"--kind digits --image-size {d['image_size']} --seed {d['split_seed']}"
+def prepare_args(d):
+    if d["kind"] in ("digits", "mnist"):
+        return f"--kind {d['kind']} --image-size {d['image_size']} --seed {d['split_seed']}"
     verify = "" if d["verify_images"] else " --no-verify-images"
     return (
         f"--kind imagefolder --root {q(d['root'])} --train-dir {q(d['train_dir'])} "
@@ -102,18 +96,7 @@ def pretrain_model_json(wildcards):
     return q({k: m[k] for k in keep if m.get(k) is not None})
 
 
-def pretrain_epochs(wildcards):
-    # skip_pretrain: the pretrained weights themselves are the starting point (the released recipe)
-    return (
-        0
-        if CFG["models"][wildcards.model]["skip_pretrain"]
-        else CFG["pretrain"]["epochs"]
-    )
-
-
 def noise_json(wildcards):
-    if wildcards.noise == "none":
-        return q({"kind": "none"})
     if wildcards.noise not in GRID.noises:
         raise ValueError(f"noise {wildcards.noise!r} is not in the config's grid")
     return q(GRID.noises[wildcards.noise])
@@ -123,15 +106,27 @@ def site_arg(wildcards):
     return "" if wildcards.site == "none" else f"--site {q(wildcards.site)}"
 
 
-def evaluation_checkpoint(wildcards):
-    e = GRID.lookup(
-        wildcards.model,
-        wildcards.noise,
-        wildcards.apply,
-        wildcards.site,
-        wildcards.seed,
+def evaluation_group(wildcards):
+    return GRID.group(
+        wildcards.model, wildcards.train, wildcards.site, int(wildcards.seed)
     )
-    return GRID.checkpoint(e)
+
+
+def group_checkpoint(wildcards):
+    return evaluation_group(wildcards).checkpoint
+
+
+def group_settings(wildcards):
+    return q(GRID.settings(evaluation_group(wildcards)))
+
+
+def model_test_batch_size(wildcards):
+    m = CFG["models"][wildcards.model]
+    return m["test_batch_size"] or CFG["evaluate"]["test_batch_size"]
+
+
+def model_reported_metric(wildcards):
+    return CFG["models"][wildcards.model]["reported_metric"]
 
 
 def evaluate_resource(key, default):

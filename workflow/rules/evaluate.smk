@@ -1,13 +1,16 @@
+# One job per (checkpoint, site, seed): every setting of the group shares one pass of the test
+# images up to the site (noisynn/grid.py). Adding a setting to a group reruns that group only.
 rule evaluate:
     input:
         data=rules.prepare_data.output.data,
-        checkpoint=evaluation_checkpoint,
+        checkpoint=group_checkpoint,
     output:
-        evaluation=f"results/{DATASET}/{{model}}/evaluate/noise~{{noise}}/apply~{{apply}}/site~{{site}}/seed~{{seed}}/evaluation.json",
+        evaluations=f"results/{DATASET}/{{model}}/evaluate/train~{{train}}/site~{{site}}/seed~{{seed}}/evaluations.json",
+        predictions=f"results/{DATASET}/{{model}}/evaluate/train~{{train}}/site~{{site}}/seed~{{seed}}/predictions.npz",
     log:
-        f"logs/evaluate/{DATASET}/{{model}}/noise~{{noise}}_apply~{{apply}}_site~{{site}}_seed~{{seed}}.log",
+        f"logs/evaluate/{DATASET}/{{model}}/train~{{train}}_site~{{site}}_seed~{{seed}}.log",
     benchmark:
-        f"logs/evaluate/{DATASET}/{{model}}/noise~{{noise}}_apply~{{apply}}_site~{{site}}_seed~{{seed}}.benchmark.tsv"
+        f"logs/evaluate/{DATASET}/{{model}}/train~{{train}}_site~{{site}}_seed~{{seed}}.benchmark.tsv"
     conda:
         CONDA_ENV
     threads: evaluate_resource("threads", 1)
@@ -16,13 +19,15 @@ rule evaluate:
         mem_mb=lambda wildcards, attempt: evaluate_resource("mem_mb", 4000) * attempt,
         runtime=lambda wildcards, attempt: evaluate_resource("runtime", 30) * attempt,
     params:
-        noise=noise_json,
-        site=site_arg,
+        settings=group_settings,
         protocols=",".join(CFG["evaluate"]["protocols"]),
-        batch=CFG["evaluate"]["test_batch_size"],
+        batch=model_test_batch_size,
+        metric=model_reported_metric,
         workers=CFG["evaluate"]["num_workers"],
+        code=code_digest("evaluate"),
     shell:
         "exec python -m noisynn evaluate --checkpoint {input.checkpoint} --data {input.data} "
-        "--out {output.evaluation} --noise {params.noise} {params.site} "
-        "--protocols {params.protocols} --test-batch-size {params.batch} "
+        "--out {output.evaluations} --predictions {output.predictions} --site {wildcards.site} "
+        "--settings {params.settings} --protocols {params.protocols} "
+        "--test-batch-size {params.batch} --reported-metric {params.metric} "
         "--seed {wildcards.seed} --num-workers {params.workers} > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule finetune:
     input:
         data=rules.prepare_data.output.data,
-        init=rules.pretrain.output.weights,
+        init=lambda wildcards: GRID.start_checkpoint(wildcards.model),
     output:
         weights=f"results/{DATASET}/{{model}}/finetune/noise~{{noise}}/site~{{site}}/seed~{{seed}}/model.safetensors",
         sidecar=f"results/{DATASET}/{{model}}/finetune/noise~{{noise}}/site~{{site}}/seed~{{seed}}/model.json",
@@ -26,9 +26,13 @@ rule finetune:
     params:
         noise=noise_json,
         site=site_arg,
-        args=training_args("finetune"),
+        train=lambda wildcards: training_json("finetune"),
         launch=lambda wildcards, resources: launcher(resources),
+        # a fine-tuning without noise never runs the noise code (noisynn/codedigest.py)
+        code=lambda wildcards: code_digest(
+            "finetune", with_noise=wildcards.noise != "none"
+        ),
     shell:
         "{params.launch} finetune --data {input.data} --init {input.init} "
         "--out $(dirname {output.weights}) --noise {params.noise} {params.site} "
-        "--noise-at train,eval --seed {wildcards.seed} {params.args} >> {log} 2>&1"
+        "--apply train+eval --seed {wildcards.seed} --train {params.train} >> {log} 2>&1"

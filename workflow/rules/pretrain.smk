@@ -1,6 +1,6 @@
 rule pretrain:
     input:
-        data=rules.prepare_data.output.data,
+        data=PRETRAIN_DATA,
     output:
         weights=f"results/{DATASET}/{{model}}/pretrain/model.safetensors",
         sidecar=f"results/{DATASET}/{{model}}/pretrain/model.json",
@@ -10,25 +10,49 @@ rule pretrain:
         f"logs/pretrain/{DATASET}/{{model}}.benchmark.tsv"
     conda:
         CONDA_ENV
-    threads: lambda wildcards: pretrain_resources(wildcards.model, "threads", 1)
+    threads: lambda wildcards: model_resources(wildcards.model, "threads", 1)
     resources:
-        gpu=lambda wildcards: pretrain_resources(wildcards.model, "gpu", 0),
-        nproc=lambda wildcards: pretrain_resources(wildcards.model, "nproc", 1),
-        mem_mb=lambda wildcards, attempt: pretrain_resources(
+        gpu=lambda wildcards: model_resources(wildcards.model, "gpu", 0),
+        nproc=lambda wildcards: model_resources(wildcards.model, "nproc", 1),
+        mem_mb=lambda wildcards, attempt: model_resources(
             wildcards.model, "mem_mb", 4000
         )
         * attempt,
-        runtime=lambda wildcards, attempt: pretrain_resources(
+        runtime=lambda wildcards, attempt: model_resources(
             wildcards.model, "runtime", 60
         )
         * attempt,
     params:
         model=pretrain_model_json,
-        args=training_args("pretrain"),
-        epochs=pretrain_epochs,
-        seed=CFG["pretrain"]["seed"],
+        train=lambda wildcards: training_json("pretrain"),
+        seed=lambda wildcards: CFG["pretrain"]["seed"],
         launch=lambda wildcards, resources: launcher(resources),
+        code=code_digest("pretrain", with_noise=False),
     shell:
         "{params.launch} pretrain --data {input.data} --out $(dirname {output.weights}) "
-        "--model {params.model} {params.args} --epochs {params.epochs} --seed {params.seed} "
-        ">> {log} 2>&1"
+        "--model {params.model} --train {params.train} --seed {params.seed} >> {log} 2>&1"
+
+
+# The released recipe starts from timm's ImageNet weights as they are (skip_pretrain): they are
+# wrapped as a checkpoint, no optimizer step runs, and no GPU is needed.
+rule import_weights:
+    input:
+        data=rules.prepare_data.output.data,
+    output:
+        weights=f"results/{DATASET}/{{model}}/imported/model.safetensors",
+        sidecar=f"results/{DATASET}/{{model}}/imported/model.json",
+    log:
+        f"logs/import_weights/{DATASET}/{{model}}.log",
+    conda:
+        CONDA_ENV
+    resources:
+        mem_mb=16000,
+        runtime=30,
+    params:
+        model=pretrain_model_json,
+        # a fine-tuning trains a new classifier where the weights have none for these classes
+        head="--allow-new-head" if CFG["finetune"] is not None else "",
+        code=code_digest("import_weights"),
+    shell:
+        "exec python -m noisynn import-weights --data {input.data} --model {params.model} "
+        "--out $(dirname {output.weights}) {params.head} > {log} 2>&1"

@@ -1,45 +1,93 @@
-FIGURES = ["audit", "strength", "layers", "entropy"]
-TABLES = ["audit", "strength", "layers", "entropy", "paper_vs_ours"]
+# The report: `aggregate` gathers the evaluation groups into two tidy tables; then one job per
+# figure and one for the tables, SUMMARY.md and metrics.json (`noisynn report --only <group>`), so
+# that a figure is its own node of the DAG. SUMMARY.md embeds the figures as an article does, so it
+# depends on them and `rule all` needs only it. The paper's numbers feed the summary alone.
+# The report jobs run where Snakemake runs (localrule), also under the SLURM executor.
+FIGURES = ["headline", "audit", "strength", "layers", "entropy", "batch_size", "purity"]
+TABLES = [
+    "audit",
+    "strength",
+    "layers",
+    "entropy",
+    "changes",
+    "batch_size",
+    "purity",
+    "pooling_control",
+    "paper_vs_ours",
+]
 OUT = f"results/{DATASET}"
+PAPER = "config/paper_results.csv"
+REPORT_SHELL = (
+    "python -m noisynn report --evaluations {input.evaluations} --sweeps {input.sweeps} "
+    "--paper {params.paper} --out-dir {params.out_dir} --dataset {params.dataset} "
+    "--only {params.only} > {log} 2>&1"
+)
 
 
 rule aggregate:
     input:
-        evaluations=GRID.evaluation_files(),
+        evaluations=GRID.group_files(),
+        predictions=GRID.prediction_files(),
     output:
         table=f"{OUT}/evaluations.csv",
+        sweeps=f"{OUT}/sweeps.csv",
     log:
         f"logs/aggregate/{DATASET}.log",
     conda:
         CONDA_ENV
+    params:
+        code=code_digest("aggregate"),
     shell:
-        "python -m noisynn aggregate --out {output.table} {input.evaluations} > {log} 2>&1"
+        "python -m noisynn aggregate --out {output.table} --sweeps-out {output.sweeps} "
+        "{input.evaluations} > {log} 2>&1"
 
 
-rule figures:
+for _figure in FIGURES:
+
+    rule:
+        name:
+            f"figure_{_figure}"
+        input:
+            evaluations=rules.aggregate.output.table,
+            sweeps=rules.aggregate.output.sweeps,
+            predictions=GRID.prediction_files(),
+        output:
+            png=report(
+                f"{OUT}/figures/{_figure}.png",
+                caption=f"../report/{_figure}.rst",
+                category="1 Headline" if _figure == "headline" else "3 Figures",
+            ),
+            pdf=f"{OUT}/figures/{_figure}.pdf",
+        log:
+            f"logs/figure_{_figure}/{DATASET}.log",
+        # seconds of plotting: never worth a cluster job
+        localrule: True
+        conda:
+            CONDA_ENV
+        params:
+            out_dir=lambda wildcards, output: str(Path(output.png).parent.parent),
+            dataset=DATASET,
+            paper=PAPER,  # not an input: a figure does not read it
+            only=_figure,
+            code=code_digest("report"),
+        shell:
+            REPORT_SHELL
+
+
+rule summary:
     input:
-        table=rules.aggregate.output.table,
-        paper="config/paper_results.csv",
+        evaluations=rules.aggregate.output.table,
+        sweeps=rules.aggregate.output.sweeps,
+        predictions=GRID.prediction_files(),
+        paper=PAPER,
+        figures=[getattr(rules, f"figure_{name}").output.png for name in FIGURES],
     output:
-        **{
-            f"figure_{name}_{ext}": (
-                report(
-                    f"{OUT}/figures/{name}.png",
-                    caption=f"../report/{name}.rst",
-                    category="Figures",
-                )
-                if ext == "png"
-                else f"{OUT}/figures/{name}.pdf"
-            )
-            for name in FIGURES
-            for ext in ("png", "pdf")
-        },
         **{
             f"table_{name}_{ext}": (
                 report(
                     f"{OUT}/tables/{name}.md",
                     caption=f"../report/table_{name}.rst",
-                    category="Tables",
+                    category="4 Tables",
                 )
                 if ext == "md"
                 else f"{OUT}/tables/{name}.{ext}"
@@ -47,17 +95,25 @@ rule figures:
             for name in TABLES
             for ext in ("csv", "md", "tex")
         },
+        cells=report(
+            f"{OUT}/tables/cells.csv",
+            caption="../report/table_cells.rst",
+            category="4 Tables",
+        ),
         summary=report(
-            f"{OUT}/SUMMARY.md", caption="../report/summary.rst", category="Summary"
+            f"{OUT}/SUMMARY.md", caption="../report/summary.rst", category="2 Summary"
         ),
         metrics=f"{OUT}/metrics.json",
     log:
-        f"logs/figures/{DATASET}.log",
+        f"logs/summary/{DATASET}.log",
+    localrule: True
     conda:
         CONDA_ENV
     params:
         out_dir=lambda wildcards, output: str(Path(output.metrics).parent),
         dataset=DATASET,
+        paper=lambda wildcards, input: input.paper,
+        only="summary",
+        code=code_digest("report"),
     shell:
-        "python -m noisynn figures --evaluations {input.table} --paper {input.paper} "
-        "--out-dir {params.out_dir} --dataset {params.dataset} > {log} 2>&1"
+        REPORT_SHELL

@@ -1,0 +1,163 @@
+"""The code each workflow step runs, as a digest: a result is only current if its code is (no torch import here).
+
+Snakemake sees a rule's shell command change, but not the Python that the command imports. So each
+rule gets, as a param, the digest of exactly the code its job runs: the functions of the command line
+that handle its verb, and every noisynn module they import, followed transitively. A changed digest
+changes the params, and Snakemake reruns the jobs of that rule (and what depends on them).
+
+The digest hashes each module's syntax tree with its docstrings removed, so a comment, a docstring
+or a test changes nothing; a changed line of code changes the digest of every step that imports it.
+A training without noise never runs the noise operators, so its digest leaves them out: a change
+in ``noise.py`` or ``inject.py`` reruns the evaluations and the trainings whose noise trains, but
+not the vanilla ones.
+
+``python -m noisynn.codedigest --out FILE`` writes every step's digest; the DVC stage of the
+workflow depends on that file, so ``dvc.lock`` records the code that Snakemake ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+
+_CLI_COMMON = ("main", "build_parser", "_Parser", "_json_arg", "_run")
+# step → (functions of noisynn/cli.py it runs, modules it runs beyond what those import)
+STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": (("_add_prepare", "_prepare"), ()),
+    "pretrain": (("_add_train_args", "_add_training", "_train"), ()),
+    "finetune": (("_add_train_args", "_add_training", "_train"), ()),
+    "import_weights": (("_add_import_weights", "_import_weights"), ()),
+    "evaluate": (("_add_evaluate", "_evaluate"), ()),
+    "aggregate": (("_add_aggregate", "_aggregate"), ()),
+    "report": (("_add_report", "_report"), ()),
+}
+# modules a training without noise never runs (see the module docstring)
+NOISE_MODULES = ("noisynn.noise", "noisynn.inject")
+# steps that never run a noise (importing weights builds the model and checks it, no hook is set)
+NOISE_FREE_STEPS = ("prepare", "import_weights", "aggregate", "report")
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+@lru_cache(maxsize=None)
+def _tree(module: str) -> ast.Module:
+    rel = module.split(".")[1:]
+    path = PACKAGE.joinpath(*rel).with_suffix(".py") if rel else PACKAGE / "__init__.py"
+    if not path.is_file():
+        path = PACKAGE.joinpath(*rel, "__init__.py")
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _normalized(node: ast.AST) -> str:
+    import copy
+
+    return ast.dump(_strip_docstrings(copy.deepcopy(node)), annotate_fields=False, include_attributes=False)
+
+
+@lru_cache(maxsize=None)
+def _module_dump(module: str) -> str:
+    return _normalized(_tree(module))
+
+
+def clear_cache() -> None:
+    """Forget the parsed modules (after the files changed)."""
+    _tree.cache_clear()
+    _module_dump.cache_clear()
+
+
+def _is_module(name: str) -> bool:
+    rel = name.split(".")[1:]
+    return bool(rel) and (PACKAGE.joinpath(*rel).with_suffix(".py").is_file() or PACKAGE.joinpath(*rel, "__init__.py").is_file())
+
+
+def _imports(node: ast.AST) -> set[str]:
+    """The noisynn modules that ``node`` imports, at any depth (function-level imports too)."""
+    found = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Import):
+            found |= {a.name for a in n.names if a.name.startswith("noisynn.") and _is_module(a.name)}
+        elif isinstance(n, ast.ImportFrom) and n.module and (n.module == "noisynn" or n.module.startswith("noisynn.")):
+            if n.module == "noisynn":
+                found |= {f"noisynn.{a.name}" for a in n.names if _is_module(f"noisynn.{a.name}")}
+            elif _is_module(n.module):
+                found.add(n.module)
+                found |= {f"{n.module}.{a.name}" for a in n.names if _is_module(f"{n.module}.{a.name}")}
+    return found
+
+
+def _closure(modules: set[str]) -> set[str]:
+    todo, seen = list(modules), set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo.extend(_imports(_tree(m)) - seen)
+    return seen
+
+
+def step_code(step: str, with_noise: bool = True) -> dict[str, str]:
+    """What a step's digest covers: ``cli:<function>`` and module names, each with its normalized tree."""
+    if step not in STEPS:
+        raise KeyError(f"unknown workflow step {step!r}; steps: {', '.join(STEPS)}")
+    functions, extra = STEPS[step]
+    cli = _tree("noisynn.cli")
+    defs = {n.name: n for n in cli.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    wanted = [f for f in (*_CLI_COMMON, *functions) if f in defs]
+    top_imports = [n for n in cli.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    modules = set(extra)
+    for node in [defs[f] for f in wanted] + top_imports:
+        modules |= _imports(node)
+    modules = _closure(modules)
+    if not with_noise or step in NOISE_FREE_STEPS:
+        modules -= set(NOISE_MODULES)
+    code = {f"cli:{f}": _normalized(defs[f]) for f in wanted}
+    code |= {m: _module_dump(m) for m in sorted(modules)}
+    return code
+
+
+def step_digest(step: str, with_noise: bool = True) -> str:
+    """The digest of the code a step runs (16 hex digits: short in the params, collisions irrelevant)."""
+    h = hashlib.sha256()
+    for name, dump in sorted(step_code(step, with_noise).items()):
+        h.update(name.encode() + b"\0" + dump.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def all_digests() -> dict[str, str]:
+    out = {step: step_digest(step) for step in STEPS}
+    out |= {f"{step}:without-noise": step_digest(step, with_noise=False) for step in ("pretrain", "finetune")}
+    return dict(sorted(out.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m noisynn.codedigest", description="digest of each step's code")
+    parser.add_argument("--out", type=Path, help="write the digests as JSON here (default: print them)")
+    args = parser.parse_args(argv)
+    text = json.dumps(all_digests(), indent=1, sort_keys=True) + "\n"
+    if args.out:
+        from noisynn.io import atomic_write_text
+
+        if not args.out.is_file() or args.out.read_text() != text:  # unchanged code, untouched file
+            atomic_write_text(args.out, text)
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

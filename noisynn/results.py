@@ -1,0 +1,300 @@
+"""The results of one dataset: the tidy evaluations, the per-image predictions, and their intervals.
+
+No torch import here (nor ``noisynn.evaluate``): the report runs on a machine without a GPU stack.
+Inputs: ``evaluations.csv`` and ``sweeps.csv`` (``noisynn aggregate``) and the ``predictions.npz`` each
+row names. A *setting* is a noise, the moment it applies (``apply``) and a site; its evaluations differ
+only by seed. The unit of dependence is the test batch when the protocol's noise mixes a batch (noise
+applied, and impulse noise or a linear noise on the batch axis), else the image. A *change* pairs the
+same images and seed: the setting under a protocol minus the vanilla model under ``clean``. *Batch
+dependence* is the share of images predicted otherwise than by the same setting under ``batch1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from noisynn import stats
+from noisynn.aggregate import COLUMNS, KEY, SWEEP_COLUMNS
+from noisynn.errors import UserError
+from noisynn.vocab import LINEAR_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # every interval uses the same seeded generator, so the same inputs give the same bytes
+_BOOTSTRAP = {"confidence": CONFIDENCE, "n_resamples": N_RESAMPLES, "random_state": BOOTSTRAP_SEED}
+NO_DATA = "no data in this config"
+# a Gaussian draw depends on an image's place in the random stream, not on the other images
+RANDOM_DRAW_KINDS = ("gaussian",)
+REPORTED = {"running": "released_metric_top1", "plain": "top1"}  # reported_metric → the metric it reports
+
+_OPEN_FILES = 32
+_NUMERIC = ("strength", "alpha", "seed", "batch_size", "value", "n", "mixed_axis_size", "theory_delta_S")
+_BOOLEAN = ("noise_applied", "default_site", "detach")
+
+
+def read_table(path: Path, what: str, columns, hint: str, numeric=(), dataset: str | None = None, required=()) -> pd.DataFrame:
+    """A CSV as text (``numeric`` columns as numbers), checked for ``columns``; only ``dataset``'s rows if given."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{what} {path} cannot be read ({e}).") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{what} {path} lacks the column(s) {', '.join(missing)}; expected {hint}.")
+    for c in numeric:
+        df[c] = pd.to_numeric(df[c].replace("", np.nan), errors="coerce")
+    df = df if dataset is None else df[df["dataset"].isin([dataset, ""])].copy()
+    if any(df[c].isna().any() for c in required):
+        raise UserError(f"{what} {path} has rows without a {' or a '.join(required)}.")
+    if "seed" in required:
+        df["seed"] = df["seed"].astype(int)
+    return df.reset_index(drop=True)
+
+
+def load_evaluations(path: Path, dataset: str) -> pd.DataFrame:
+    """The tidy CSV with typed columns; rows of other datasets are dropped."""
+    df = read_table(path, "evaluations table", COLUMNS, "the output of `noisynn aggregate`", _NUMERIC, dataset,
+                   ("seed", "value"))
+    for c in _BOOLEAN:
+        df[c] = df[c].str.lower().isin(["true", "1"])
+    dup = df.duplicated(list(KEY))
+    if dup.any():
+        raise UserError(f"evaluations table {path} has more than one row for {df.loc[dup, list(KEY)].iloc[0].to_dict()}.")
+    return df
+
+
+def load_sweeps(path: Path, dataset: str) -> pd.DataFrame:
+    """The batch-size, purity and pooling-control points, one row per seed; other datasets dropped."""
+    return read_table(path, "sweeps table", SWEEP_COLUMNS, "the --sweeps-out table of `noisynn aggregate`",
+                     ("seed", "batch_size", "m", "top1"), dataset, ("seed", "top1"))
+
+
+def site_key(site: str) -> tuple:
+    """Module order of a timm module name: numbers compared as numbers (blocks.2 < blocks.10)."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", site) if p)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One noise setting of one model at one site, as its evaluation records describe it."""
+
+    model: str
+    noise: str
+    apply: str
+    site: str
+    kind: str
+    strength: float = math.nan
+    alpha: float = math.nan
+    axis: str = ""
+    neighbour: str = ""
+    detach: bool = False
+    default_site: bool = True
+
+    @property
+    def strength_x(self) -> float:
+        """The number a strength sweep varies: Gaussian s, impulse p, shift alpha."""
+        return self.alpha if self.kind == "linear-shift" else self.strength
+
+    @property
+    def key(self) -> tuple:
+        """none, gaussian, impulse, linear-optimal, linear-shift; by strength; eval first; module order."""
+        x = self.strength_x
+        kind = NOISE_KINDS.index(self.kind) if self.kind in NOISE_KINDS else len(NOISE_KINDS)
+        return self.model, kind, 0.0 if x != x else x, self.noise, self.apply != "eval", self.apply, site_key(self.site)
+
+    @property
+    def family(self) -> str:
+        """The line a strength sweep draws: the kind, axis and variant, whatever the strength."""
+        return "_".join([self.kind, *([self.axis] if self.axis else []), *(["next"] if self.neighbour == "next" else []),
+                         *(["detach"] if self.detach else [])])
+
+    def where(self, **more) -> str:
+        """The filter on evaluations.csv that selects this setting's rows."""
+        return ", ".join(f"{k}={v}" for k, v in dict(model=self.model, noise=self.noise, apply=self.apply,
+                                                      site=self.site, **more).items())
+
+    def mixes_batch(self, noise_applied: bool) -> bool:
+        return bool(noise_applied) and (self.kind == "impulse" or (self.kind in LINEAR_NOISE_KINDS and self.axis == "batch"))
+
+
+# a paired change of top-1: its interval, McNemar's b, c and p, and the verdict
+Change = NamedTuple("Change", [("interval", stats.Interval), ("b", int), ("c", int), ("pvalue", float), ("verdict", str)])
+
+
+def _memo(method):  # caches a method's results on its instance: a report computes each interval once
+    @functools.wraps(method)
+    def cached(self, *args, **kwargs):
+        key = (method.__name__, args, tuple(sorted(kwargs.items())))
+        if key not in self._memo:
+            self._memo[key] = method(self, *args, **kwargs)
+        return self._memo[key]
+    return cached
+
+
+class Results:
+    """The evaluations by setting, protocol and metric (values per seed), with their predictions (cached)."""
+
+    def __init__(self, df: pd.DataFrame, sweeps: pd.DataFrame | None = None):
+        self.df = df
+        self.sweep_df = pd.DataFrame(columns=SWEEP_COLUMNS) if sweeps is None else sweeps
+        self.timm_names = dict(zip(df["model"], df["timm_name"]))
+        self.reported_metrics = dict(zip(df["model"], df["reported_metric"]))
+        self._cells: dict[tuple, dict[int, float]] = {}
+        self._theory, self._applied, self._paths, self._memo, self._open = {}, {}, {}, {}, {}
+        cols = ["model", "noise", "apply", "site", "protocol", "metric", "seed", "value", "mixed_axis_size",
+                "theory_delta_S", "noise_applied", "predictions"]
+        for m, n, a, s, p, metric, seed, v, k, ds, applied, path in zip(*(df[c].tolist() for c in cols)):
+            self._cells.setdefault((m, n, a, s, p, metric), {})[seed] = v
+            self._applied[(m, n, a, s, p)] = applied
+            if path:
+                self._paths[(m, n, a, s, seed)] = path
+            if metric == "top1":
+                self._theory[(m, n, a, s, p)] = (None if k != k else int(k), math.nan if ds is None else ds)
+        first = df.drop_duplicates(["model", "noise", "apply", "site"])
+        fields = ["model", "noise", "apply", "site", "noise_kind", "strength", "alpha", "axis", "neighbour", "detach",
+                  "default_site"]
+        self.settings = sorted((Setting(*row[:9], bool(row[9]), bool(row[10]))
+                                for row in zip(*(first[c].tolist() for c in fields))), key=lambda x: x.key)
+        self._by_name = {(s.model, s.noise, s.apply, s.site): s for s in self.settings}
+        self.models = sorted(set(df["model"]))
+        self.sites = {m: max((s.site for s in self.settings if s.model == m and s.default_site and s.site != "none"),
+                             key=site_key, default="none") for m in self.models}
+
+    def values(self, s: Setting, protocol: str, metric: str = "top1") -> dict[int, float]:
+        return self._cells.get((s.model, s.noise, s.apply, s.site, protocol, metric), {})
+
+    def theory(self, s: Setting, protocol: str) -> tuple:  # (k, theory ΔS); (None, nan) when not recorded
+        return self._theory.get((s.model, s.noise, s.apply, s.site, protocol), (None, math.nan))
+
+    def n_seeds(self, s: Setting) -> int:
+        return len({seed for p in PROTOCOLS for seed in self.values(s, p)})
+
+    def setting(self, model: str, noise: str, apply: str, site: str) -> Setting | None:
+        return self._by_name.get((model, noise, apply, site))
+
+    def vanilla(self, model: str) -> Setting | None:
+        return next((s for s in self.settings if s.model == model and s.kind == "none"), None)
+
+    def reported_metric(self, model: str) -> str:
+        """The metric the released code of this model's family reports under ``released``."""
+        return REPORTED.get(self.reported_metrics.get(model, "running"), "released_metric_top1")
+
+    def at_default_site(self, kinds=None, apply=None) -> list[Setting]:
+        """Settings at their model's default site (and the vanilla ones), optionally of some kinds/apply."""
+        return [s for s in self.settings if (s.default_site or s.site == "none")
+                and (kinds is None or s.kind in kinds) and (apply is None or s.apply == apply)]
+
+    def released_recipe(self, model: str) -> Setting | None:
+        return next((s for s in self.at_default_site(apply="eval") if s.model == model and s.noise == RELEASED_NOISE),
+                    None)
+
+    def layer_sweeps(self) -> list[list[Setting]]:
+        """The settings evaluated at more than one site, each as its list of sites in module order."""
+        groups: dict[tuple, list[Setting]] = {}
+        for s in (s for s in self.settings if s.site != "none"):
+            groups.setdefault((s.model, s.noise, s.apply), []).append(s)
+        return sorted((sorted(g, key=lambda x: site_key(x.site)) for g in groups.values() if len(g) > 1),
+                      key=lambda g: g[0].key)
+
+    def array(self, s: Setting, seed: int, name: str) -> np.ndarray | None:
+        """``labels``, or ``<name>`` under the setting's key, from its group's predictions; None if absent."""
+        path = self._paths.get((s.model, s.noise, s.apply, s.site, seed))
+        if not path:
+            return None
+        if path not in self._open:
+            if len(self._open) >= _OPEN_FILES:  # a large grid has more groups than a process may hold files open
+                self._open.pop(next(iter(self._open))).close()
+            try:
+                self._open[path] = np.load(path)
+            except (OSError, ValueError) as e:
+                raise UserError(f"predictions file {path} (named in evaluations.csv) cannot be read as .npz ({e}); "
+                                "the report runs from the workflow's root, where those paths start.") from None
+        key = name if name == "labels" else f"{s.noise}|{s.apply}|{s.site}/{name}"  # the setting's key in its group
+        return self._open[path][key] if key in self._open[path] else None
+
+    def outcomes(self, s: Setting, protocol: str) -> dict[int, tuple]:
+        """Per seed with predictions: (correct, units, pred, labels) of the setting under the protocol."""
+        out, mixes = {}, s.mixes_batch(self._applied.get((s.model, s.noise, s.apply, s.site, protocol), False))
+        for seed in sorted(self.values(s, protocol)):
+            labels, pred = self.array(s, seed, "labels"), self.array(s, seed, f"{protocol}/pred")
+            if labels is None or pred is None:
+                continue
+            if pred.shape != labels.shape:
+                raise UserError(f"predictions of {s.where(seed=seed, protocol=protocol)} hold {pred.size} images, "
+                                f"their labels {labels.size}.")
+            batch = self.array(s, seed, f"{protocol}/batch") if mixes else None
+            out[seed] = (pred == labels, stats.units(batch, labels.size, mixes), pred, labels)
+        return out
+
+    @_memo
+    def accuracy(self, s: Setting, protocol: str) -> stats.Interval | None:
+        o = list(self.outcomes(s, protocol).values())
+        return stats.accuracy_interval([x[0] for x in o], [x[1] for x in o], **_BOOTSTRAP) if o else None
+
+    @_memo
+    def change(self, s: Setting, protocol: str, own: bool = False) -> Change | None:
+        """The setting under ``protocol`` minus the vanilla model under ``clean`` (``own``: minus itself under clean)."""
+        ref = s if own else self.vanilla(s.model)
+        if ref is None:
+            return None
+        mine, theirs = self.outcomes(s, protocol), self.outcomes(ref, "clean")
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            return None
+        for seed in seeds:
+            if not np.array_equal(mine[seed][3], theirs[seed][3]):
+                raise UserError(f"the predictions of {s.where(seed=seed)} and of {ref.where(seed=seed)} hold different "
+                                "test images (their labels differ); both must come from the same test set.")
+        a, b = [mine[x][0] for x in seeds], [theirs[x][0] for x in seeds]
+        iv = stats.change_interval(a, b, [mine[x][1] for x in seeds], **_BOOTSTRAP)
+        mc = stats.mcnemar(a, b)
+        return Change(iv, mc["b"], mc["c"], mc["pvalue"], stats.verdict(iv))
+
+    @_memo
+    def batch_dependence(self, s: Setting, protocol: str) -> float | None:
+        """Share of images predicted otherwise than under ``batch1``; None where the noise is on in one only."""
+        name = (s.model, s.noise, s.apply, s.site)
+        if self._applied.get((*name, protocol)) != self._applied.get((*name, "batch1")):
+            return None
+        mine, one = self.outcomes(s, protocol), self.outcomes(s, "batch1")
+        seeds = sorted(set(mine) & set(one))
+        return stats.batch_dependence([mine[x][2] for x in seeds], [one[x][2] for x in seeds]) if seeds else None
+
+    def is_transductive(self, s: Setting, protocol: str | None = None) -> bool | None:
+        """share > 0 under the protocol (any noisy protocol if None), unless the noise is a random draw."""
+        shares = [x for x in (self.batch_dependence(s, p) for p in ([protocol] if protocol else NOISY_PROTOCOLS))
+                  if x is not None]
+        return None if not shares else stats.is_transductive(max(shares)) and s.kind not in RANDOM_DRAW_KINDS
+
+    @_memo
+    def sweep_points(self) -> pd.DataFrame:
+        """Each sweep point: mean top-1 over seeds, its interval where the predictions allow, n_seeds."""
+        keys, rows = ["model", "noise", "apply", "site", "experiment", "variant", "order", "batch_size", "m"], []
+        for key, g in self.sweep_df.groupby(keys, sort=True, dropna=False):
+            point = dict(zip(keys, key))
+            iv = self._sweep_interval(point, sorted(g["seed"]))
+            rows.append({**point, "value": float(g["top1"].mean()), "ci_low": iv.low if iv else math.nan,
+                         "ci_high": iv.high if iv else math.nan, "n_seeds": int(g["seed"].nunique())})
+        return pd.DataFrame(rows, columns=[*keys, "value", "ci_low", "ci_high", "n_seeds"])
+
+    def _sweep_interval(self, p: dict, seeds: list[int]) -> stats.Interval | None:
+        # the pooled batch-size sweep keeps no batch index (no unit of dependence), so it has no interval
+        stem = {("batch_size", "noise"): f"batch_size/{p['order']}/k{p['batch_size']:g}",
+                ("purity", "noise"): f"purity/m{p['m']:g}",
+                ("protocol", "pooling_control"): f"pooling/{p['order']}"}.get((p["experiment"], p["variant"]))
+        s = self.setting(p["model"], p["noise"], p["apply"], p["site"])
+        names = ("labels", f"{stem}/batch", f"{stem}/correct", f"{stem}/pred")
+        arrays = [[self.array(s, seed, n) for n in names] for seed in seeds] if s and stem else []
+        if not arrays or any(a[0] is None or a[1] is None or (a[2] is None and a[3] is None) for a in arrays):
+            return None
+        mixes = p["variant"] == "pooling_control" or s.mixes_batch(True)  # pooling mixes a batch by construction
+        return stats.accuracy_interval([a[2].astype(bool) if a[2] is not None else a[3] == a[0] for a in arrays],
+                                       [stats.units(a[1], a[0].size, mixes) for a in arrays], **_BOOTSTRAP)

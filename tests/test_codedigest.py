@@ -1,0 +1,82 @@
+"""The code each workflow step runs, as a digest (noisynn/codedigest.py).
+
+What a user relies on: a result is only current if the code that made it is. A changed line of
+code changes the digest of exactly the steps that run it; a comment or a docstring changes nothing;
+a training without noise does not depend on the noise operators. (The workflow test checks that
+Snakemake then reruns exactly those jobs.)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from noisynn import codedigest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """A copy of the package whose digests are computed, so that its files can be edited."""
+    copy = tmp_path / "noisynn"
+    shutil.copytree(REPO / "noisynn", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codedigest, "PACKAGE", copy)
+    codedigest.clear_cache()
+    yield copy
+    codedigest.clear_cache()
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+    codedigest.clear_cache()
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if before[k] != after[k]}
+
+
+def test_a_comment_or_a_docstring_changes_no_digest(package):
+    before = codedigest.all_digests()
+    _edit(package / "noise.py", '"""The noises of NoisyNN', '"""The noises (reworded) of NoisyNN')
+    _edit(package / "evaluate.py", "class _NoRoom(Exception):", "# a comment\nclass _NoRoom(Exception):")
+    assert codedigest.all_digests() == before
+
+
+def test_the_noise_code_reruns_evaluations_and_noisy_trainings_only(package):
+    before = codedigest.all_digests()
+    _edit(package / "noise.py", "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1)",
+          "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1.0)")
+    assert _changed(before, codedigest.all_digests()) == {"evaluate", "finetune", "pretrain"}
+
+
+def test_the_reporting_code_reruns_the_report_only(package):
+    before = codedigest.all_digests()
+    report = next(m for m in sorted(codedigest.step_code("report")) if m.startswith("noisynn.")
+                  and m not in codedigest.step_code("evaluate") and m not in codedigest.step_code("aggregate"))
+    path = package / (report.split(".", 1)[1] + ".py")
+    path.write_text(path.read_text() + "\n_UNUSED = 1\n")
+    codedigest.clear_cache()
+    assert _changed(before, codedigest.all_digests()) == {"report"}
+
+
+def test_the_command_line_of_one_verb_reruns_that_step_only(package):
+    before = codedigest.all_digests()
+    _edit(package / "cli.py", 'aggregate(args.evaluations, args.out, args.sweeps_out)\n    return 0',
+          'aggregate(args.evaluations, args.out, args.sweeps_out)\n    return int(0)')
+    assert _changed(before, codedigest.all_digests()) == {"aggregate"}
+
+
+def test_every_step_covers_its_modules_and_the_digest_file_is_written_once(tmp_path):
+    assert "noisynn.evaluate" in codedigest.step_code("evaluate")
+    assert "noisynn.noise" not in codedigest.step_code("finetune", with_noise=False)
+    assert "noisynn.train" in codedigest.step_code("finetune", with_noise=False)
+    out = tmp_path / "digest.json"
+    codedigest.main(["--out", str(out)])
+    first = out.stat().st_mtime_ns
+    codedigest.main(["--out", str(out)])
+    assert out.stat().st_mtime_ns == first, "an unchanged digest must leave the file untouched"

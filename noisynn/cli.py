@@ -132,7 +132,9 @@ def _add_report(sub) -> None:
     p.add_argument("--paper", required=True, type=Path, help="config/paper_results.csv")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--only", default=None, help="write one part of the report only")
+    p.add_argument("--only", default=None, help="write one part of the report only: summary or a figure's name")
+    p.add_argument("--stages", type=_json_arg("--stages"), default=None,
+                   help='which data each stage used, as JSON ({"pretraining": "...", ...}), said in SUMMARY.md')
 
 
 def _add_compare(sub) -> None:
@@ -305,7 +307,8 @@ def _aggregate(args) -> int:
 def _report(args) -> int:
     from noisynn.summary import make_report
 
-    make_report(args.evaluations, args.sweeps, args.paper, args.out_dir, args.dataset, only=args.only)
+    make_report(args.evaluations, args.sweeps, args.paper, args.out_dir, args.dataset, only=args.only,
+                stages=args.stages)
     return 0
 
 

@@ -18,10 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from noisynn.vocab import FINETUNE_PATH, IMPORTED_PATH, PRETRAIN_PATH, RELEASED_NOISE, Evaluation, noise_token
-
-GROUP_PATH = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/evaluations.json"
-GROUP_PREDICTIONS = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/predictions.npz"
+from noisynn.vocab import (
+    FINETUNE_PATH,
+    GROUP_PATH,
+    GROUP_PREDICTIONS,
+    IMPORTED_PATH,
+    PRETRAIN_PATH,
+    RELEASED_NOISE,
+    Evaluation,
+    noise_token,
+)
 
 __all__ = ["Grid", "EvaluationGroup", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
 
@@ -90,8 +96,7 @@ class Grid:
         # unique, in config order; a sweep site equal to the default site is the same evaluation
         unique: dict[tuple, Evaluation] = {}
         for e in evals:
-            key = (e.model, e.noise, e.apply, e.site, e.seed)
-            unique.setdefault(key, e)
+            unique.setdefault(e.key, e)
         self.evaluations = list(unique.values())
         self.groups = self._groups()
 

@@ -43,8 +43,11 @@ def declared_files(only: str | None = None) -> list[str]:
 
 
 def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path, out_dir: Path, dataset: str,
-                only: str | None = None) -> None:
-    """Write every table, figure, SUMMARY.md and metrics.json of one dataset (or the group ``only``)."""
+                only: str | None = None, stages: dict | None = None) -> None:
+    """Write every table, figure, SUMMARY.md and metrics.json of one dataset (or the group ``only``).
+
+    ``stages``: which data each stage of the workflow used ({"pretraining": "...", ...}), said in SUMMARY.md.
+    """
     if only is not None and only not in GROUPS:
         raise UserError(f"--only must name one output group of the report ({', '.join(GROUPS)}); got {only!r}.")
     out_dir = Path(out_dir)
@@ -63,7 +66,7 @@ def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path,
         tables.write_table(table, out_dir / "tables" / name, shown)
     tables.write_csv(tables.cells_table(r), out_dir / "tables" / "cells.csv")
     inputs = {"evaluations table": evaluations_csv, "sweeps table": sweeps_csv, "paper numbers": paper_csv}
-    atomic_write_text(out_dir / "SUMMARY.md", summary_markdown(r, built, dataset, inputs))
+    atomic_write_text(out_dir / "SUMMARY.md", summary_markdown(r, built, dataset, inputs, stages))
     atomic_write_json(out_dir / "metrics.json", headline_metrics(r))
 
 
@@ -141,7 +144,16 @@ def claims_table(r: Results, kinds: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "noise", "apply", *PROTOCOLS, "filter (protocol = column)"])
 
 
-def summary_markdown(r: Results, built: dict[str, pd.DataFrame], dataset: str, inputs: dict) -> str:
+def _stages_text(stages: dict | None) -> list[str]:
+    if not stages:
+        return []
+    order = ["pretraining", "fine-tuning", "evaluation"]
+    ordered = sorted(stages.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+    return ["Data of each stage: " + "; ".join(f"{stage}: {what}" for stage, what in ordered) + ".", ""]
+
+
+def summary_markdown(r: Results, built: dict[str, pd.DataFrame], dataset: str, inputs: dict,
+                     stages: dict | None = None) -> str:
     matched = int((built["paper_vs_ours"]["ours"] != tables.NOT_RUN).sum())
     pooling = built["pooling_control"]
     lines = [
@@ -151,6 +163,7 @@ def summary_markdown(r: Results, built: dict[str, pd.DataFrame], dataset: str, i
         "evaluation; each number below names the rows of `evaluations.csv` behind it. Accuracies are top-1 in "
         "percent, with their 95 % bootstrap interval in brackets; changes are in percentage points.",
         "",
+        *_stages_text(stages),
         "![The released recipe's top-1 under each protocol, and against the test batch size](figures/headline.png)",
         "",
         f"**Figure 1** (`figures/headline`). Left, per model: top-1 of the released recipe (`{RELEASED_NOISE}`, "

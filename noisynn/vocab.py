@@ -113,8 +113,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 PRETRAIN_PATH = "results/{dataset}/{model}/pretrain/model.safetensors"
 IMPORTED_PATH = "results/{dataset}/{model}/imported/model.safetensors"
 FINETUNE_PATH = "results/{dataset}/{model}/finetune/noise~{noise}/site~{site}/seed~{seed}/model.safetensors"
-EVALUATION_PATH = "results/{dataset}/{model}/evaluate/noise~{noise}/apply~{apply}/site~{site}/seed~{seed}/evaluation.json"
-PREDICTIONS_NAME = "predictions.npz"  # beside each evaluation.json: per-image predictions and batches
+# one evaluation job: a checkpoint (trained with noise `train`, or none) at one site and seed, every
+# setting of that pair in one JSON, and each image's prediction and batch beside it
+GROUP_PATH = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/evaluations.json"
+GROUP_PREDICTIONS = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/predictions.npz"
 
 
 @dataclass(frozen=True)
@@ -142,12 +144,9 @@ class Evaluation:
                 "site": self.site, "seed": self.seed}
 
     @property
-    def path(self) -> str:
-        return EVALUATION_PATH.format(**self.fields())
-
-    @property
-    def predictions_path(self) -> str:
-        return self.path.rsplit("/", 1)[0] + "/" + PREDICTIONS_NAME
+    def key(self) -> tuple:
+        """What makes an evaluation distinct within a dataset's grid."""
+        return self.model, self.noise, self.apply, self.site, self.seed
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,7 @@
-"""Tests of noisynn/cli.py, run as a user runs it: ``python -m noisynn …`` in a subprocess.
+"""Tests of noisynn/cli.py, run as a user runs it: ``noisynn …`` with its arguments, exit status and
+streams (in this process, through ``noisynn.cli.main``, so that each test does not pay for a fresh
+Python importing torch and timm; ``test_the_installed_command_runs_as_a_subprocess`` checks that the
+real ``python -m noisynn`` behaves the same).
 
 What a user relies on: a mistake of theirs (a missing dataset, a malformed or unknown noise, a
 site the model lacks, a missing or foreign checkpoint, an out-of-range alpha, a bad --apply)
@@ -9,6 +12,8 @@ ends with exit status 2 and one sentence on stderr naming the file or key, never
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -20,12 +25,24 @@ import numpy as np
 import pytest
 from conftest import cli_env
 
-from noisynn.cli import build_parser
+from noisynn.cli import build_parser, main
 
 OPTIMAL_BATCH = json.dumps({"kind": "linear-optimal", "axis": "batch"})
 
 
-def noisynn(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+def noisynn(*args) -> subprocess.CompletedProcess:
+    """``noisynn args`` in this process: its exit status, stdout and stderr (argparse's exits included)."""
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def noisynn_subprocess(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "noisynn", *map(str, args)], capture_output=True, text=True,
                           env=cli_env(), timeout=timeout)
 
@@ -258,3 +275,13 @@ def test_evaluate_writes_every_protocol(vit_run, digits_dir, tmp_path):
 def _test_labels(digits_dir: Path) -> np.ndarray:
     with np.load(digits_dir / "digits.npz") as z:
         return z["labels"][z["test"]]
+
+
+def test_the_installed_command_runs_as_a_subprocess(vit_run, tmp_path):
+    """The real `python -m noisynn`: a user mistake is exit 2 and one line; --help and a verb work."""
+    mistake = noisynn_subprocess("evaluate", "--checkpoint", tmp_path / "none.safetensors", "--data", tmp_path,
+                                 "--out", tmp_path / "e.json")
+    assert_user_error(mistake, str(tmp_path / "none.safetensors"))
+    assert noisynn_subprocess("--help").returncode == 0
+    entropy = noisynn_subprocess("entropy", "--k", "10", "--alpha", "0.3", "--format", "csv")
+    assert entropy.returncode == 0 and entropy.stdout.startswith("k,Q,alpha")

@@ -44,8 +44,8 @@ def test_eval_only_noise_reuses_the_vanilla_checkpoint():
 def test_every_evaluation_has_a_distinct_record_and_the_layer_sweep_adds_sites():
     cfg = load_config(REPO / "config/config.yaml")
     grid = Grid(cfg)
-    paths = [e.path for e in grid.evaluations]
-    assert len(paths) == len(set(paths))
+    keys = [e.key for e in grid.evaluations]
+    assert len(keys) == len(set(keys))
     for model, m in cfg["models"].items():
         swept = {e.site for e in grid.evaluations if e.model == model and e.noise == "linear-optimal_batch" and e.apply == "eval"}
         assert swept == set(m["layer_sweep_sites"]) | {m["site"]}

@@ -131,6 +131,16 @@ def test_an_unknown_output_group_is_refused(run, tmp_path):
     assert_user_error(excinfo, "--only", "summary", "headline", "'everything'")
 
 
+def test_summary_says_which_data_each_stage_used(run, tmp_path):
+    """A transfer config pretrains on other data: the summary says so, in the stages' order."""
+    stages = {"evaluation": "digits (digits, 16 px), test split", "pretraining": "mnist (mnist, 28 px)",
+              "fine-tuning": "digits (digits, 16 px)"}
+    make_report(run["evaluations"], run["sweeps"], run["paper"], tmp_path, fx.DATASET, only="summary", stages=stages)
+    line = next(x for x in (tmp_path / "SUMMARY.md").read_text().splitlines() if x.startswith("Data of each stage"))
+    assert line == ("Data of each stage: pretraining: mnist (mnist, 28 px); fine-tuning: digits (digits, 16 px); "
+                    "evaluation: digits (digits, 16 px), test split.")
+
+
 def test_the_report_modules_need_neither_torch_nor_the_evaluation_code():
     code = ("import sys, noisynn.summary, noisynn.results, noisynn.tables, noisynn.plots; "
             "print(sorted(m for m in ('torch', 'noisynn.evaluate') if m in sys.modules))")

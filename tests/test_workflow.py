@@ -55,6 +55,7 @@ def test_tiny_config_dry_run_counts(repo_copy):
                                "aggregate": 1, **REPORT, "default": 1}
 
 
+@pytest.mark.slow  # each config checks its models on the meta device first: 15-20 s of torch per config
 @pytest.mark.parametrize(
     "config, counts",
     [
@@ -81,6 +82,26 @@ def test_paper_configs_dry_run_against_fake_imagefolder(repo_copy, fake_imagefol
         assert "finetune" not in got, "the audit of released weights trains nothing"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, counts",
+    [
+        # 2 models × 2 seeds × (default-site pass + the optimal-trained checkpoint) = 8 evaluations jobs
+        ("config/mnist.yaml", {"prepare_data": 1, "pretrain": 2, "finetune": 8, "evaluate": 8}),
+        # pretraining on MNIST-5k (its own prepare job), fine-tuning and evaluation on digits
+        ("config/transfer.yaml", {"prepare_data": 1, "prepare_pretrain_data": 1, "pretrain": 2, "finetune": 8,
+                                  "evaluate": 8}),
+        # DeiT, Swin, BEiT, ConViT, EfficientNetV2: each pretrained, then audited as it is (no fine-tuning)
+        ("config/architectures.yaml", {"prepare_data": 1, "pretrain": 5, "evaluate": 5}),
+    ],
+)
+def test_embedded_data_configs_dry_run(repo_copy, config, counts):
+    got = job_counts(snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", config).stdout)
+    assert {k: v for k, v in got.items() if k in counts or k in ("finetune", "import_weights")} == counts
+    assert got["summary"] == 1
+
+
+@pytest.mark.slow
 def test_paper_config_requests_gpus_declared(repo_copy, fake_imagefolder):
     """The training jobs carry the GPU, memory and runtime resources the config declares."""
     out = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", "config/paper-imagenet.yaml",

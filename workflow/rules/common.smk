@@ -1,5 +1,6 @@
 import json
 import shlex
+import string
 import sys
 from pathlib import Path
 
@@ -10,6 +11,13 @@ from noisynn.codedigest import step_digest
 from noisynn.config import check_models_and_sites, job_environment, validate_config
 from noisynn.errors import UserError
 from noisynn.grid import Grid
+from noisynn.vocab import (
+    FINETUNE_PATH,
+    GROUP_PATH,
+    GROUP_PREDICTIONS,
+    IMPORTED_PATH,
+    PRETRAIN_PATH,
+)
 
 CONFIG_SOURCE = ", ".join(str(p) for p in workflow.configfiles) or "the config"
 try:
@@ -43,6 +51,17 @@ wildcard_constraints:
     site=r"[^/]+",
     seed=r"\d+",
     apply=r"eval|train\+eval",
+
+
+def pattern(template, name=None):
+    """A path template of noisynn.vocab / noisynn.grid as a Snakemake pattern: the dataset filled
+    in, every other field a wildcard (one spelling of each path, shared with the grid).
+    """
+    fields = [
+        f for _, f, _, _ in string.Formatter().parse(template) if f and f != "dataset"
+    ]
+    path = template.format(dataset=DATASET, **{f: f"{{{f}}}" for f in fields})
+    return path if name is None else str(Path(path).with_name(name))
 
 
 def q(value):
@@ -127,6 +146,37 @@ def model_test_batch_size(wildcards):
 
 def model_reported_metric(wildcards):
     return CFG["models"][wildcards.model]["reported_metric"]
+
+
+def describe_dataset(d):
+    size = (
+        f"{d['image_size']} px"
+        if d["kind"] != "imagefolder"
+        else f"ImageFolder {d['root']}"
+    )
+    return f"{d['name']} ({d['kind']}, {size})"
+
+
+def stages_description():
+    """Which data each stage used, for SUMMARY.md (a transfer pretrains on other data)."""
+    test = describe_dataset(CFG["dataset"])
+    models = CFG["models"].values()
+    if all(m["skip_pretrain"] for m in models):
+        pretraining = "none here: pretrained weights imported as loaded"
+    elif PRETRAIN_DATASET:
+        pretraining = describe_dataset(PRETRAIN_DATASET)
+    else:
+        pretraining = test
+    finetuning = (
+        test
+        if CFG["finetune"] is not None
+        else "none (the weights are evaluated as they are)"
+    )
+    return {
+        "pretraining": pretraining,
+        "fine-tuning": finetuning,
+        "evaluation": f"{test}, test split",
+    }
 
 
 def evaluate_resource(key, default):

@@ -5,8 +5,8 @@ rule evaluate:
         data=rules.prepare_data.output.data,
         checkpoint=group_checkpoint,
     output:
-        evaluations=f"results/{DATASET}/{{model}}/evaluate/train~{{train}}/site~{{site}}/seed~{{seed}}/evaluations.json",
-        predictions=f"results/{DATASET}/{{model}}/evaluate/train~{{train}}/site~{{site}}/seed~{{seed}}/predictions.npz",
+        evaluations=pattern(GROUP_PATH),
+        predictions=pattern(GROUP_PREDICTIONS),
     log:
         f"logs/evaluate/{DATASET}/{{model}}/train~{{train}}_site~{{site}}_seed~{{seed}}.log",
     benchmark:

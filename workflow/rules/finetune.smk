@@ -3,8 +3,8 @@ rule finetune:
         data=rules.prepare_data.output.data,
         init=lambda wildcards: GRID.start_checkpoint(wildcards.model),
     output:
-        weights=f"results/{DATASET}/{{model}}/finetune/noise~{{noise}}/site~{{site}}/seed~{{seed}}/model.safetensors",
-        sidecar=f"results/{DATASET}/{{model}}/finetune/noise~{{noise}}/site~{{site}}/seed~{{seed}}/model.json",
+        weights=pattern(FINETUNE_PATH),
+        sidecar=pattern(FINETUNE_PATH, "model.json"),
     log:
         f"logs/finetune/{DATASET}/{{model}}/noise~{{noise}}_site~{{site}}_seed~{{seed}}.log",
     benchmark:

@@ -2,8 +2,8 @@ rule pretrain:
     input:
         data=PRETRAIN_DATA,
     output:
-        weights=f"results/{DATASET}/{{model}}/pretrain/model.safetensors",
-        sidecar=f"results/{DATASET}/{{model}}/pretrain/model.json",
+        weights=pattern(PRETRAIN_PATH),
+        sidecar=pattern(PRETRAIN_PATH, "model.json"),
     log:
         f"logs/pretrain/{DATASET}/{{model}}.log",
     benchmark:
@@ -39,8 +39,8 @@ rule import_weights:
     input:
         data=rules.prepare_data.output.data,
     output:
-        weights=f"results/{DATASET}/{{model}}/imported/model.safetensors",
-        sidecar=f"results/{DATASET}/{{model}}/imported/model.json",
+        weights=pattern(IMPORTED_PATH),
+        sidecar=pattern(IMPORTED_PATH, "model.json"),
     log:
         f"logs/import_weights/{DATASET}/{{model}}.log",
     conda:

@@ -20,7 +20,7 @@ PAPER = "config/paper_results.csv"
 REPORT_SHELL = (
     "python -m noisynn report --evaluations {input.evaluations} --sweeps {input.sweeps} "
     "--paper {params.paper} --out-dir {params.out_dir} --dataset {params.dataset} "
-    "--only {params.only} > {log} 2>&1"
+    "--only {params.only} --stages {params.stages} > {log} 2>&1"
 )
 
 
@@ -69,6 +69,7 @@ for _figure in FIGURES:
             dataset=DATASET,
             paper=PAPER,  # not an input: a figure does not read it
             only=_figure,
+            stages=q(stages_description()),
             code=code_digest("report"),
         shell:
             REPORT_SHELL
@@ -114,6 +115,7 @@ rule summary:
         dataset=DATASET,
         paper=lambda wildcards, input: input.paper,
         only="summary",
+        stages=q(stages_description()),
         code=code_digest("report"),
     shell:
         REPORT_SHELL

@@ -153,3 +153,43 @@ def test_bad_evaluation_settings_are_user_errors(vit_run, digits_dir, kwargs, ke
     settings = {"noise": OPTIMAL_BATCH, "site": vit_run.last_site, **kwargs}
     with pytest.raises(UserError, match=key):
         evaluate_checkpoint(vit_run.checkpoint, digits_dir, **settings)
+
+
+def _running_accuracy_by_hand(correct: np.ndarray, batch: np.ndarray) -> float:
+    """The released ViT code's metric, written out: after batch t, (correct so far) / (seen so far); mean over t."""
+    running, right, seen = [], 0, 0
+    for t in range(int(batch.max()) + 1):
+        members = batch == t
+        right += int(correct[members].sum())
+        seen += int(members.sum())
+        running.append(right / seen)
+    return sum(running) / len(running)
+
+
+@pytest.mark.parametrize("test_batch_size, reported", [(10, "running"), (7, "plain"), (64, "plain")])
+def test_the_released_protocol_follows_the_family_s_batch_size_and_metric(resnet_run, digits_dir, test_labels,
+                                                                           test_batch_size, reported):
+    """The ViT code tests in batches of 10 and reports the running accuracy; the CNN code tests at its
+    training batch size and reports the plain accuracy: both are settable, and each number follows its formula."""
+    from noisynn.evaluate import evaluate_group, prediction_arrays
+
+    setting = {"noise": "linear-shift_a0.3_batch_next_detach", "apply": "eval", "site": resnet_run.last_site, "seed": 0,
+               "noise_params": {"kind": "linear-shift", "alpha": 0.3, "axis": "batch", "neighbour": "next", "detach": True}}
+    group, arrays = evaluate_group(resnet_run.checkpoint, digits_dir, resnet_run.last_site, [setting],
+                                   protocols=("released",), test_batch_size=test_batch_size, reported_metric=reported,
+                                   progress=False)
+    assert group["test_batch_size"] == test_batch_size and group["reported_metric"] == reported
+    r = group["evaluations"][0]["protocols"]["released"]
+    mine = prediction_arrays(arrays, setting)
+    pred, batch = mine["released/pred"], mine["released/batch"]
+    n = len(test_labels)
+    assert r["batch_size"] == test_batch_size and r["num_batches"] == -(-n // test_batch_size)
+    # the released order: the class-sorted test set read in sequence, cut every test_batch_size images
+    expected = np.empty(n, dtype=int)
+    for j, b in enumerate(order_batches(test_labels, "class_sorted", test_batch_size)):
+        expected[b] = j
+    np.testing.assert_array_equal(batch, expected)
+    correct = pred == test_labels
+    assert r["top1"] == pytest.approx(correct.mean(), abs=1e-12)
+    assert r["released_metric_top1"] == pytest.approx(_running_accuracy_by_hand(correct, batch), abs=1e-12)
+    assert r["mixed_axis_size"] == test_batch_size

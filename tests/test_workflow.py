@@ -10,6 +10,8 @@ import yaml
 from PIL import Image
 from workflow_helpers import BIN, REPO, copy_repo, job_counts, snakemake
 
+from noisynn.vocab import PROTOCOLS
+
 # the report: seven figures, each its own job, and the summary with every table
 REPORT = {**{f"figure_{n}": 1 for n in ("headline", "audit", "strength", "layers", "entropy", "batch_size", "purity")},
           "summary": 1}
@@ -59,11 +61,11 @@ def test_tiny_config_dry_run_counts(repo_copy):
 @pytest.mark.parametrize(
     "config, counts",
     [
-        # 10 models × (none + optimal × 2 modes + shift × 2 axes × 2 modes + gaussian 2 × 2 + impulse 2 × 2
-        # = 15) + layer sweeps (11 + 11 + 4 + 3 × 4 = 38) = 188 evaluations in 10 default-site passes
-        # + 38 sweep sites + 10 × 7 noise-trained checkpoints = 118 jobs; fine-tunings 10 × 8 = 80;
-        # timm's weights are imported as loaded (no pretraining job)
-        ("config/paper-imagenet.yaml", {"import_weights": 10, "finetune": 80, "evaluate": 118}),
+        # 15 models (the paper's ten, DeiT, Swin, BEiT, ConViT, EfficientNetV2-B0) × (none + optimal × 2 modes
+        # + shift × 2 axes × 2 modes + gaussian 2 × 2 + impulse 2 × 2 = 15) + layer sweeps (11 + 11 + 4 + 3 × 4
+        # = 38) = 263 evaluations in 15 default-site passes + 38 sweep sites + 15 × 7 noise-trained
+        # checkpoints = 158 jobs; fine-tunings 15 × 8 = 120; timm's weights are imported as loaded
+        ("config/paper-imagenet.yaml", {"import_weights": 15, "finetune": 120, "evaluate": 158}),
         # 4 models × 2 seeds × (none + 3 optimal axes × 2 + 2 shifts × 2 + 3 gaussian + 3 impulse = 17)
         # + sweeps 4 × 3 × 2 = 24 → 160 evaluations in 2 × (4 + 12 + 4 × 5) = 72 jobs; fine-tunings 48
         ("config/tinyimagenet.yaml", {"import_weights": 4, "finetune": 48, "evaluate": 72}),
@@ -222,3 +224,46 @@ def test_tiny_workflow_end_to_end_then_noop_then_code_changes_then_incremental(r
     assert job_counts(dry.stdout) == {"evaluate": 2, "aggregate": 1, **REPORT, "default": 1}
     snakemake(repo_copy, "--cores", "2", "--workflow-profile", "none", "--configfile", str(grown), timeout=600)
     assert len((out / "evaluations.csv").read_text().splitlines()) == 16 * 6 * 3 + 1
+
+
+@pytest.mark.slow
+def test_audit_of_released_weights_runs_end_to_end_without_training(repo_copy, tmp_path):
+    """The shape of config/imagenet-audit.yaml on CPU: an ImageFolder, timm weights as a local
+    .safetensors file, no pretraining and no fine-tuning; every protocol for every noise."""
+    import timm
+    from conftest import write_image_folder
+    from safetensors.torch import save_file
+
+    root = tmp_path / "imagenet"
+    classes = {"n01440764": 2, "n01443537": 2, "n01484850": 2}
+    write_image_folder(root / "train", classes, size=16, seed=0)
+    write_image_folder(root / "val", {c: 10 for c in classes}, size=16, seed=1)
+    kwargs = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=3, **kwargs).state_dict(), str(weights))
+    cfg = yaml.safe_load((repo_copy / "config/imagenet-audit.yaml").read_text())
+    cfg["dataset"].update(name="audit-tiny", root=str(root), image_size=16)
+    cfg["models"] = {"vit": {"timm_name": "vit_tiny_patch16_224", "kwargs": kwargs, "pretrained": str(weights),
+                             "skip_pretrain": True, "site": "blocks.1.attn"}}
+    cfg["noises"] = [n for n in cfg["noises"] if "models" not in n]  # the CNN-only entries name the ResNets
+    cfg["evaluate"].update(num_workers=0, resources={})
+    config = tmp_path / "audit-tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    dry = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(config))
+    counts = job_counts(dry.stdout)
+    assert counts["import_weights"] == 1 and counts["evaluate"] == 1
+    assert not {"pretrain", "finetune"} & set(counts), "an audit of released weights trains nothing"
+    snakemake(repo_copy, "--cores", "2", "--workflow-profile", "none", "--configfile", str(config), timeout=900)
+
+    import pandas as pd
+
+    table = pd.read_csv(repo_copy / "results/audit-tiny/evaluations.csv")
+    top1 = table[table["metric"] == "top1"]
+    noises = set(top1["noise"])
+    assert noises == {"none", "linear-optimal_batch", "linear-optimal_rows", "linear-optimal_features",
+                      "gaussian_s0.1", "gaussian_s1", "impulse_p0.05", "impulse_p0.1"}
+    for noise in noises:
+        assert set(top1[top1["noise"] == noise]["protocol"]) == set(PROTOCOLS), noise
+    assert (top1["checkpoint"] == "results/audit-tiny/vit/imported/model.safetensors").all()
+    assert (repo_copy / "results/audit-tiny/figures/batch_size.png").stat().st_size > 0

@@ -261,8 +261,8 @@ def test_paper_config_training_jobs_request_the_declared_resources(slurm_cluster
                                       "--config", dataset_root, workflow_profile="none", env=env, timeout=300)
         assert run.returncode == 1 and "SLURM sbatch failed" in run.stdout, run.stdout[-3000:]
 
-    # Fine-tuning: stand-ins for the pretrained weights make every fine-tuning ready at once.
-    stand_ins = [repo / f"results/imagenet1k/{m}/pretrain/{name}" for m in models for name in ("model.safetensors", "model.json")]
+    # Fine-tuning: stand-ins for the imported weights make every fine-tuning ready at once.
+    stand_ins = [repo / f"results/imagenet1k/{m}/imported/{name}" for m in models for name in ("model.safetensors", "model.json")]
     for path in stand_ins:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")

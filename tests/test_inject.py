@@ -206,7 +206,7 @@ def test_batch_axis_optimal_q_at_batch_size_one_is_the_clean_model(family, site,
 
 
 def test_batch_axis_optimal_q_makes_a_prediction_depend_on_the_other_images():
-    """The leak PAPER.md §6 is about: image 0's logits change when image 1 is swapped out."""
+    """The leak docs/paper.md §6 is about: image 0's logits change when image 1 is swapped out."""
     model = _small_vit()
     x = _images(4, seed=1)
     y = x.clone()

@@ -1,4 +1,4 @@
-"""Tests of noisynn/noise.py: the three noise kinds of NoisyNN (PAPER.md §1) as tensor functions.
+"""Tests of noisynn/noise.py: the three noise kinds of NoisyNN (docs/paper.md §1) as tensor functions.
 
 The linear-transform operators are checked against the explicit matrices (I + Q)X built in float64
 from ``quality_matrix``, on every axis a user can pick, and against the released ViT code's own

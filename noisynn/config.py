@@ -248,36 +248,6 @@ def load_config(path: Path) -> dict:
     return validate_config(data or {}, str(path))
 
 
-def check_models_known(config: dict, source: str, cache_file: Path | None = None) -> None:
-    """Fail when a ``timm_name`` is not a timm model; names already checked are cached.
-
-    Importing timm costs seconds, so the answer is kept in ``cache_file``: a no-op workflow run
-    stays fast, and a new name is still checked before any job starts.
-    """
-    names = sorted({m["timm_name"] for m in config["models"].values()})
-    known: set[str] = set()
-    if cache_file and Path(cache_file).is_file():
-        try:
-            known = set(json.loads(Path(cache_file).read_text()))
-        except (json.JSONDecodeError, TypeError):
-            known = set()
-    todo = [n for n in names if n not in known]
-    if not todo:
-        return
-    code = "import json,sys,timm; print(json.dumps([n for n in sys.argv[1:] if not timm.is_model(n)]))"
-    out = subprocess.run([sys.executable, "-c", code, *todo], capture_output=True, text=True)
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"{source}: the model names could not be checked because timm does not import ({last}).")
-    unknown = json.loads(out.stdout)
-    if unknown:
-        model = next(k for k, m in config["models"].items() if m["timm_name"] == unknown[0])
-        raise UserError(f"{source}: key models.{model}.timm_name: {unknown[0]!r} is not a timm model (see timm.list_models()).")
-    if cache_file:
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache_file).write_text(json.dumps(sorted(known | set(todo))))
-
-
 def _dataset_geometry(ds: dict, model: dict) -> dict:
     """(num_classes, in_chans, image_size) of the images a model sees on a dataset of the config."""
     if ds["kind"] in ("digits", "mnist"):
@@ -420,7 +390,7 @@ def check_models_and_sites(config: dict, source: str, cache_file: Path | None = 
     site (a dry forward with the noise hooked in). Models already checked with the same config,
     site list, noises, pretrained file (size, mtime), code and versions are skipped (their keys
     are kept in ``cache_file``); the rest run in one subprocess (``isolate``), so the workflow's
-    own process never imports torch. Supersedes ``check_models_known``.
+    own process never imports torch.
     """
     checks = model_checks(config, source)
     done: list = []

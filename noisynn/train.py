@@ -176,9 +176,6 @@ def validate(model, split, batch_size: int, device, order_seed: int | None = Non
     return correct / max(1, n)
 
 
-accuracy = validate  # the name the benchmarks and older callers use
-
-
 def _summary_csv(rows: list[dict]) -> str:
     if not rows:
         return ""

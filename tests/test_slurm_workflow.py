@@ -206,8 +206,9 @@ def test_cancelled_training_job_is_retried_and_resumes(slurm_cluster, tmp_path):
 
 
 FAKE_SBATCH = """#!/bin/sh
-# Stands in for sbatch: records its arguments as one JSON line and submits nothing.
-"{python}" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "{record}"
+# Stands in for sbatch: records its arguments as a JSON file of its own and submits nothing.
+# One file per call: the plugin runs many sbatch at once, and their appends to one file interleave.
+"{python}" -c 'import json, sys, tempfile; f = tempfile.NamedTemporaryFile("w", dir=sys.argv[1], suffix=".json", delete=False); json.dump(sys.argv[2:], f)' "{record}" "$@"
 echo "sbatch: error: recorded by the test, nothing submitted" >&2
 exit 1
 """
@@ -217,8 +218,8 @@ TARGET_JOB = re.compile(r"--target-jobs '(\w+):model=([^,']+)")
 def sbatch_calls(record: Path) -> list[dict]:
     """Each recorded sbatch call as {rule, model, args}."""
     calls = []
-    for line in record.read_text().splitlines():
-        args = json.loads(line)
+    for path in sorted(record.glob("*.json")):
+        args = json.loads(path.read_text())
         wrapped = next(a for a in args if a.startswith("--wrap="))
         rule, model = TARGET_JOB.search(wrapped).groups()
         calls.append({"rule": rule, "model": model, "args": args})
@@ -247,8 +248,9 @@ def test_paper_config_training_jobs_request_the_declared_resources(slurm_cluster
     snakemake(repo, "results/imagenet1k/data", "--cores", "1", "--workflow-profile", "none",
               "--configfile", "config/paper-imagenet.yaml", "--config", dataset_root)
 
-    bin_dir, record = tmp_path / "bin", tmp_path / "sbatch-calls.jsonl"
+    bin_dir, record = tmp_path / "bin", tmp_path / "sbatch-calls"
     bin_dir.mkdir()
+    record.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(python=sys.executable, record=record))
     (bin_dir / "sbatch").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}

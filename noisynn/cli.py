@@ -115,6 +115,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--allow-other-data", action="store_true",
                    help="evaluate on data other than the checkpoint's (another fingerprint); recorded as other_data: true")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--forward-batch-size", type=int, default=256,
+                   help="images per forward call: consecutive test batches share a call, each still noised alone")
     p.add_argument("--no-amp", action="store_true", help="evaluate in float32 on CUDA too (default: bf16 autocast)")
 
 
@@ -276,7 +278,7 @@ def _evaluate(args) -> int:
         protocols=tuple(p for p in args.protocols.split(",") if p),
         test_batch_size=args.test_batch_size, reported_metric=args.reported_metric, seed=args.seed,
         split=args.split, use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
-        amp=not args.no_amp, allow_other_data=args.allow_other_data,
+        forward_batch_size=args.forward_batch_size, amp=not args.no_amp, allow_other_data=args.allow_other_data,
     )
     for _, path in outputs:  # a killed earlier run's half-written files
         remove_stale_temp_files(path.parent, [path.name])

@@ -7,7 +7,9 @@ The protocols are defined in ``noisynn.vocab`` (docs/paper.md §6): ``clean`` (t
 Cost: in eval mode the network up to the injection site is a deterministic function of each image,
 so it runs once per image for the whole group of settings (the *prefix*, kept in memory or in a
 memory-mapped file, in the evaluation dtype); each setting and protocol then runs only the part of
-the network after the site (the *suffix*). The group can also run the experiments that separate the
+the network after the site (the *suffix*). Consecutive test batches share a forward call of the
+suffix (``forward_batch_size`` images), each still noised alone, so that a test batch of 10 images
+costs a tenth of a forward call's fixed cost, not all of it. The group can also run the experiments that separate the
 batch leak from the entropy theory: a batch-size sweep, a purity sweep and a noise-free control that
 averages the logits of each batch (``SWEEPS``).
 """
@@ -27,7 +29,7 @@ import torch
 from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import cache_point, forward_prefix, forward_suffix, inject
+from noisynn.inject import cache_point, forward_prefix, forward_suffix, inject, joined_batches
 from noisynn.io import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
@@ -99,25 +101,45 @@ def _describe_cache(n: int, shape: tuple[int, ...], dtype: torch.dtype, point: s
 
 
 class _Runner:
-    """Runs batches through the suffix (from the cache) or the whole network, and counts images."""
+    """Runs test batches through the suffix (from the cache) or the whole network, and counts images.
 
-    def __init__(self, model, site, test, labels, cache, device, amp, num_workers):
+    Consecutive test batches share a forward call, up to ``forward_batch_size`` images (a larger
+    batch runs alone): the noise still acts on each test batch alone (``inject.joined_batches``),
+    and the Python cost of a forward call is paid once per chunk instead of once per test batch.
+    """
+
+    def __init__(self, model, site, test, labels, cache, device, amp, num_workers, forward_batch_size):
         self.model, self.site, self.test, self.labels = model, site, test, labels
         self.cache, self.device, self.amp, self.num_workers = cache, device, amp, num_workers
+        self.forward_batch_size = forward_batch_size
         self.images = 0
 
+    def _chunks(self, batches: list[np.ndarray]) -> list[list[np.ndarray]]:
+        chunks, size = [], 0
+        for b in batches:
+            if chunks and size + len(b) <= self.forward_batch_size:
+                chunks[-1].append(b)
+                size += len(b)
+            else:
+                chunks.append([b])
+                size = len(b)
+        return chunks
+
     def logits(self, batches: list[np.ndarray]):
-        """Yields (batch, logits as float32 on CPU) in order."""
+        """Yields (the test batches of a chunk, their indices joined, their logits as float32 on CPU)."""
+        chunks = self._chunks(batches)
+        joined = [np.concatenate(c) for c in chunks]
         if self.cache is not None:
-            source = ((self.cache.get(b), None) for b in batches)
+            source = ((self.cache.get(j), None) for j in joined)
         else:
-            source = self.test.batches(batches, self.num_workers)
-        for b, (x, _) in zip(batches, source):
+            source = self.test.batches(joined, self.num_workers)
+        for chunk, idx, (x, _) in zip(chunks, joined, source):
             x = x.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with joined_batches([len(b) for b in chunk]), \
+                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = forward_suffix(self.model, self.site, x) if self.cache is not None else self.model(x)
-            self.images += len(b)
-            yield b, out.float().cpu()
+            self.images += len(idx)
+            yield chunk, idx, out.float().cpu()
 
 
 def _score(runner: _Runner, batches: list[np.ndarray], labels: np.ndarray, keep_logits: bool = False) -> dict:
@@ -127,19 +149,22 @@ def _score(runner: _Runner, batches: list[np.ndarray], labels: np.ndarray, keep_
     correct5 = np.zeros(n, dtype=bool)
     per_batch, sizes = [], []
     logits_all = None
-    for j, (b, logits) in enumerate(runner.logits(batches)):
-        y = torch.as_tensor(labels[b])
+    for chunk, idx, logits in runner.logits(batches):
+        y = torch.as_tensor(labels[idx])
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices
-        pred[b] = top[:, 0].numpy()
-        batch_of[b] = j
-        correct5[b] = (top == y[:, None]).any(dim=-1).numpy()
-        per_batch.append(int((top[:, 0] == y).sum()))
-        sizes.append(len(b))
+        hit = (top[:, 0] == y).numpy()
+        pred[idx] = top[:, 0].numpy()
+        lengths = [len(b) for b in chunk]
+        batch_of[idx] = np.repeat(np.arange(len(sizes), len(sizes) + len(chunk)), lengths)
+        correct5[idx] = (top == y[:, None]).any(dim=-1).numpy()
+        starts = np.cumsum([0, *lengths[:-1]])
+        per_batch.extend(int(c) for c in np.add.reduceat(hit.astype(np.int64), starts))
+        sizes.extend(lengths)
         if keep_logits:
             if logits_all is None:
                 logits_all = np.zeros((n, logits.shape[-1]), dtype=np.float32)
-            logits_all[b] = logits.numpy()
+            logits_all[idx] = logits.numpy()
     correct = pred == labels
     return {"pred": pred, "batch": batch_of, "top1": float(correct.mean()), "top5": float(correct5.mean()),
             "released_metric_top1": released_metric(per_batch, sizes), "num_batches": len(batches),
@@ -168,10 +193,12 @@ def _sweeps(runner: _Runner, handle, labels: np.ndarray, seed: int, noise_on: bo
         handle.reseed(seed)
         pairs = purity_batches(labels, m, PURITY_BATCH_SIZE, seed)
         hits, batch_of = np.zeros(len(labels), dtype=bool), np.full(len(labels), -1, dtype=np.int64)
-        for j, ((_, logits), (_, targets)) in enumerate(zip(runner.logits([p[0] for p in pairs]), pairs)):
-            pred = logits.argmax(-1).numpy()
+        batches = [p[0] for p in pairs]
+        pred = np.concatenate([logits.argmax(-1).numpy() for _, _, logits in runner.logits(batches)])
+        starts = np.cumsum([0, *map(len, batches[:-1])])  # each batch's first row in the joined order
+        for j, ((_, targets), start) in enumerate(zip(pairs, starts)):
             # the targets lead their batch (purity_batches puts them first)
-            hits[targets] = pred[: len(targets)] == labels[targets]
+            hits[targets] = pred[start : start + len(targets)] == labels[targets]
             batch_of[targets] = j
         out["purity"].append({"m": m, "batch_size": PURITY_BATCH_SIZE, "top1": float(hits.mean()), "n": len(labels)})
         arrays[f"purity/m{m}/correct"] = hits
@@ -221,7 +248,7 @@ def evaluate_group(
     seed: int = 0,
     split: str = "test",
     use_prefix_cache: bool = True,
-    prefix_batch_size: int = 256,
+    forward_batch_size: int = 256,
     max_cache_bytes: int = 4 << 30,
     num_workers: int = 0,
     device: str | None = None,
@@ -234,6 +261,8 @@ def evaluate_group(
     ``settings``: dicts with ``noise_params`` (a noise mapping) and, from the grid, the setting's
     record (``vocab.Evaluation`` fields); ``sweeps: true`` also runs the sweeps and the control.
     Returns (the group's JSON-ready result, the per-image arrays for its predictions file).
+    ``forward_batch_size``: images per forward call, in the prefix pass and in the suffix (where test
+    batches are joined, each noised alone); the results do not depend on it beyond float rounding.
 
     Everything a user can get wrong is refused before the prefix pass: the settings, the
     checkpoint and the data (each checked as it is read), data other than the checkpoint's (its
@@ -254,6 +283,8 @@ def evaluate_group(
         raise UserError(f"seed must be an integer >= 0 (it seeds the test orders and the noise); got {seed!r}.")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be an integer >= 0; got {num_workers!r}.")
+    if isinstance(forward_batch_size, bool) or not isinstance(forward_batch_size, int) or forward_batch_size < 1:
+        raise UserError(f"forward_batch_size must be a positive integer (images per forward call); got {forward_batch_size!r}.")
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val; got {split!r}.")
     specs = [NoiseSpec.from_dict(s["noise_params"]) for s in settings]
@@ -291,7 +322,7 @@ def evaluate_group(
     if use_prefix_cache and point != "image":
         cache_dtype = torch.bfloat16 if use_amp else torch.float32
         order = np.arange(len(labels))
-        chunks = [order[i : i + prefix_batch_size] for i in range(0, len(order), prefix_batch_size)]
+        chunks = [order[i : i + forward_batch_size] for i in range(0, len(order), forward_batch_size)]
         for idx, (x, _) in zip(chunks, test.batches(chunks, num_workers)):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 h = forward_prefix(model, site, x.to(dev))
@@ -304,7 +335,7 @@ def evaluate_group(
                     break
             cache.put(idx, h)
     prefix_seconds = time.time() - t0
-    runner = _Runner(model, site, test, labels, cache, dev, use_amp, num_workers)
+    runner = _Runner(model, site, test, labels, cache, dev, use_amp, num_workers, forward_batch_size)
 
     from tqdm import tqdm
 
@@ -379,6 +410,7 @@ def evaluate_group(
         "dtype": "bfloat16" if use_amp else "float32",
         "device": dev.type,
         "test_batch_size": test_batch_size,
+        "forward_batch_size": forward_batch_size,
         "reported_metric": reported_metric,
         "prefix_seconds": round(prefix_seconds, 4),
         "total_seconds": round(total, 4),

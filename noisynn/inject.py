@@ -31,6 +31,7 @@ of a ViT block: only the batch axis and the element-wise kinds act there).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -400,15 +401,27 @@ class Injection:
         else:
             self.num_prefix_tokens = self._prefix_at_site
         prefix = self.num_prefix_tokens
-        self._check_axis(self.last_input_shape, layout)
         gen = self.generator(x.device) if self.spec.is_random else None
         # nhwc is the one layout the operators cannot tell from the rank
         extra = {"layout": "nhwc"} if layout == "nhwc" else {}
-        try:
-            noised = apply_noise(self.spec, x, gen, prefix, **extra)
-        except UserError as e:
-            raise UserError(f"at site {self.site!r} (input shape {tuple(x.shape)}): {e}") from None
-        return (noised, *args[1:])
+        parts = [x]
+        sizes = _SEGMENTS
+        if sizes is not None:
+            # several test batches in one forward call: the noise acts on each alone, in order
+            images = sum(sizes)
+            if x.shape[0] % images:
+                raise RuntimeError(f"at site {self.site!r} the input has {x.shape[0]} rows for {images} images")
+            rows = x.shape[0] // images
+            parts = x.split([n * rows for n in sizes])
+        out = []
+        for part in parts:
+            self.last_input_shape = tuple(part.shape)
+            self._check_axis(self.last_input_shape, layout)
+            try:
+                out.append(apply_noise(self.spec, part, gen, prefix, **extra))
+            except UserError as e:
+                raise UserError(f"at site {self.site!r} (input shape {tuple(part.shape)}): {e}") from None
+        return (out[0] if len(out) == 1 else torch.cat(out), *args[1:])
 
     def remove(self) -> None:
         self._handle.remove()
@@ -418,6 +431,28 @@ class Injection:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+_SEGMENTS: list[int] | None = None  # the test batches of the forward call under way, if joined
+
+
+@contextlib.contextmanager
+def joined_batches(sizes: list[int]):
+    """Run several test batches in one forward call, each noised on its own.
+
+    Inside the block, the batch of every forward call is the concatenation of test batches of these
+    sizes (in images; a Swin attention input has several rows per image): every Injection cuts its
+    input at the boundaries, applies the noise to each part in order (the random stream advances as
+    it would batch after batch) and joins the parts again. In eval mode the rest of the network
+    treats each image alone, so the logits are those of batch-by-batch forwards up to float rounding,
+    which depends on the number of rows of a matrix product (a few 1e-7 on CPU).
+    """
+    global _SEGMENTS
+    outer, _SEGMENTS = _SEGMENTS, [int(n) for n in sizes]
+    try:
+        yield
+    finally:
+        _SEGMENTS = outer
 
 
 def inject(

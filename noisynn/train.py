@@ -35,7 +35,7 @@ from noisynn.config import learning_rate, schedule_problem, training_defaults, v
 from noisynn.data import load_dataset
 from noisynn.distributed import Distributed
 from noisynn.errors import UserError
-from noisynn.inject import inject
+from noisynn.inject import inject, joined_batches
 from noisynn.io import (
     atomic_write_text,
     check_not_an_input,
@@ -164,14 +164,19 @@ class Interrupted(Exception):
 
 @torch.no_grad()
 def validate(model, split, batch_size: int, device, order_seed: int | None = None, num_workers: int = 0) -> float:
-    """Top-1 accuracy on a split (sequential order, or shuffled from ``order_seed``)."""
+    """Top-1 accuracy on a split (sequential order, or shuffled from ``order_seed``), in batches of
+    ``batch_size`` (what a noise on the batch axis mixes); up to 256 images share a forward call,
+    each batch noised alone (``inject.joined_batches``)."""
     model.eval()
     n = len(split)
     idx = np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
+    per_call = max(1, 256 // batch_size)
     batches = [idx[i : i + batch_size] for i in range(0, n, batch_size)]
+    calls = [batches[i : i + per_call] for i in range(0, len(batches), per_call)]
     correct = 0
-    for x, y in split.batches(batches, num_workers):
-        logits = model(x.to(device, non_blocking=True))
+    for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
+        with joined_batches([len(b) for b in call]):
+            logits = model(x.to(device, non_blocking=True))
         correct += int((logits.argmax(-1).cpu() == y).sum())
     return correct / max(1, n)
 

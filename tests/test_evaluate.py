@@ -64,6 +64,21 @@ def test_prefix_cache_predicts_exactly_what_the_full_forward_predicts(request, d
         assert any((cached["predictions"][p] != cached["predictions"]["clean"]).any() for p in PROTOCOLS if p != "clean")
 
 
+@pytest.mark.parametrize("noise", [OPTIMAL_BATCH, {"kind": "impulse", "strength": 0.1}], ids=["optimal", "impulse"])
+def test_test_batches_sharing_a_forward_call_predict_what_batch_by_batch_forwards_predict(vit_run, digits_dir, noise):
+    # forward_batch_size 1: every test batch alone (its own forward call), as the released code runs
+    alone = evaluate_checkpoint(vit_run.checkpoint, digits_dir, noise, vit_run.last_site, forward_batch_size=1)
+    joined = evaluate_checkpoint(vit_run.checkpoint, digits_dir, noise, vit_run.last_site, forward_batch_size=256)
+    for name in PROTOCOLS:
+        # the logits differ by float rounding only (a few 1e-7): at most a near-tie may flip
+        assert (alone["predictions"][name] != joined["predictions"][name]).sum() <= 1, name
+        assert joined["protocols"][name]["num_batches"] == alone["protocols"][name]["num_batches"]
+        assert joined["protocols"][name]["mixed_axis_size"] == alone["protocols"][name]["mixed_axis_size"], name
+    # impulse noise takes its max and min over the batch: joined batches would change it, segments do not
+    if noise is OPTIMAL_BATCH:
+        assert joined["protocols"]["released"]["mixed_axis_size"] == 10
+
+
 def test_prefix_cache_on_disk_predicts_what_the_in_memory_cache_predicts(vit_run, digits_dir):
     in_memory = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, protocols=("released",))
     on_disk = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, protocols=("released",),

@@ -297,6 +297,43 @@ def test_random_noise_is_reproducible_by_seed_and_fresh_for_each_batch():
         assert torch.equal(_run(other, x, False)[0], first)
 
 
+@pytest.mark.parametrize("spec", [OPTIMAL_BATCH, NoiseSpec("linear-shift", axis="batch", alpha=0.3, neighbour="next"), GAUSSIAN],
+                         ids=["optimal-batch", "shift-next", "gaussian"])
+@pytest.mark.parametrize("site", ["image", "blocks.1.attn"])
+def test_test_batches_joined_in_one_forward_are_noised_each_alone(spec, site):
+    """What the evaluation's chunked forward relies on: inside joined_batches, the site receives
+    exactly what batch-by-batch forwards give it (the batch axis mixes only within a test batch, the
+    random stream advances batch after batch), and the logits agree up to float rounding."""
+    sizes = [3, 5, 1, 7]
+    x = _images(sum(sizes), seed=3)
+    model = _small_vit()
+    seen = []
+    record = model.get_submodule(site) if site != "image" else model
+    injection = inject(model, site, spec, seed=5)
+    # registered after the noise hook, so it sees the noised input
+    recorder = record.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with torch.no_grad():
+        alone = torch.cat([model(part) for part in x.split(sizes)])
+        alone_inputs = torch.cat(seen)
+        seen.clear()
+        injection.reseed(5)
+        with inject_module.joined_batches(sizes):
+            joined = model(x)
+    recorder.remove()
+    injection.remove()
+    if site == "image":
+        assert torch.equal(seen[0], alone_inputs)
+    else:  # the part before the site runs on a larger matrix: float rounding only
+        torch.testing.assert_close(seen[0], alone_inputs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(joined, alone, rtol=0, atol=1e-5)
+    # and the noise did act across images where it mixes the batch axis
+    if spec.axis == "batch":
+        clean = model(x)
+        assert not torch.allclose(clean, joined, atol=1e-3)
+    # outside the block, one forward is one batch again
+    assert inject_module._SEGMENTS is None
+
+
 def test_none_noise_leaves_the_model_clean():
     model = _small_resnet()
     x = _images_for("resnet")

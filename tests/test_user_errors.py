@@ -222,10 +222,11 @@ def test_finetune_negative_seed(resnet_run, digits_dir, tmp_path, capsys):
     [
         (["--protocols", ","], ["protocol", "clean"]),
         (["--num-workers", "-1"], ["num_workers", "-1"]),
+        (["--forward-batch-size", "0"], ["forward_batch_size", "0"]),
         (["--site", " ", "--noise", '{"kind": "gaussian"}'], ["--site", "empty"]),
         (["--settings", '[{"noise_params": {"kind": "none"}, "seed": "x"}]'], ["--settings entry 0", "seed"]),
     ],
-    ids=["no-protocol", "negative-workers", "empty-site", "settings-seed-not-a-number"],
+    ids=["no-protocol", "negative-workers", "no-images-per-call", "empty-site", "settings-seed-not-a-number"],
 )
 def test_evaluate_option_mistakes(extra, names, resnet_run, digits_dir, tmp_path, capsys):
     refused(capsys, evaluate(resnet_run.checkpoint, digits_dir, tmp_path / "e.json", *extra), *names)

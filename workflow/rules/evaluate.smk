@@ -24,10 +24,11 @@ rule evaluate:
         batch=model_test_batch_size,
         metric=model_reported_metric,
         workers=CFG["evaluate"]["num_workers"],
+        forward=CFG["evaluate"]["forward_batch_size"],
         code=code_digest("evaluate"),
     shell:
         "exec python -m noisynn evaluate --checkpoint {input.checkpoint} --data {input.data} "
         "--out {output.evaluations} --predictions {output.predictions} --site {wildcards.site} "
         "--settings {params.settings} --protocols {params.protocols} "
         "--test-batch-size {params.batch} --reported-metric {params.metric} "
-        "--seed {wildcards.seed} --num-workers {params.workers} > {log} 2>&1"
+        "--seed {wildcards.seed} --num-workers {params.workers} --forward-batch-size {params.forward} > {log} 2>&1"

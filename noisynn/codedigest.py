@@ -75,8 +75,8 @@ def _module_dump(module: str) -> str:
 
 def clear_cache() -> None:
     """Forget the parsed modules (after the files changed)."""
-    _tree.cache_clear()
-    _module_dump.cache_clear()
+    for cached in (_tree, _module_dump, _module_imports, step_digest):
+        cached.cache_clear()
 
 
 def _is_module(name: str) -> bool:
@@ -99,6 +99,11 @@ def _imports(node: ast.AST) -> set[str]:
     return found
 
 
+@lru_cache(maxsize=None)
+def _module_imports(module: str) -> frozenset[str]:
+    return frozenset(_imports(_tree(module)))
+
+
 def _closure(modules: set[str]) -> set[str]:
     todo, seen = list(modules), set()
     while todo:
@@ -106,7 +111,7 @@ def _closure(modules: set[str]) -> set[str]:
         if m in seen:
             continue
         seen.add(m)
-        todo.extend(_imports(_tree(m)) - seen)
+        todo.extend(_module_imports(m) - seen)
     return seen
 
 
@@ -130,6 +135,7 @@ def step_code(step: str, with_noise: bool = True) -> dict[str, str]:
     return code
 
 
+@lru_cache(maxsize=None)
 def step_digest(step: str, with_noise: bool = True) -> str:
     """The digest of the code a step runs (16 hex digits: short in the params, collisions irrelevant)."""
     h = hashlib.sha256()

@@ -14,6 +14,7 @@ models not yet checked (a cache under ``.snakemake/``), so a no-op workflow run 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -440,8 +441,14 @@ def job_environment(repo: Path) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_text_parsed() -> dict:
+    return yaml.load(SCHEMA.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _schema() -> dict:
-    return yaml.safe_load(SCHEMA.read_text())
+    """The config schema (parsed once per process; each caller gets its own copy)."""
+    return copy.deepcopy(_schema_text_parsed())
 
 
 def training_defaults() -> dict:

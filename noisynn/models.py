@@ -129,25 +129,44 @@ def check_noises_act(model: nn.Module, site: str, specs, input_shape: tuple[int,
     act on any tensor and are not run (their generators need a real device). A model whose forward
     the meta device cannot run is left to the hook's checks at the first real batch.
     """
-    from noisynn.inject import inject
+    from noisynn.inject import _site_module, inject
 
     specs = [sp for sp in specs if sp.kind.startswith("linear")]
     if not specs:
         return
     if next(iter(model.parameters()), torch.empty(0)).device.type != "meta":
         raise ValueError("check_noises_act needs a meta-device model (see meta_model)")
-    x = torch.empty(*input_shape, device="meta")
+
+    class _Reached(Exception):
+        pass
+
+    def capture(module, args):
+        raise _Reached(module, args)
+
+    # one forward up to the site, whose input each noise's hook then checks (a noise keeps the shape,
+    # so what follows the site cannot fail because of it)
+    handle = _site_module(model, site).register_forward_pre_hook(capture, prepend=True)
+    try:
+        with torch.no_grad():
+            model(torch.empty(*input_shape, device="meta"))
+    except _Reached as reached:
+        module, args = reached.args
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: the real forward checks it
+        return
+    else:
+        return  # the forward never reached the site: the real forward's hook will say so
+    finally:
+        handle.remove()
     for spec in specs:
-        handle = inject(model, site, spec, at_train=True, at_eval=True)
+        injection = inject(model, site, spec, at_train=True, at_eval=True)
         try:
-            with torch.no_grad():
-                model(x)
+            injection._hook(module, args)
         except UserError as e:
             raise UserError(f"{what}: noise {spec.kind} on axis {spec.axis}: {e}") from None
         except Exception:  # noqa: BLE001 - an op without a meta kernel: the real forward checks it
             return
         finally:
-            handle.remove()
+            injection.remove()
 
 
 def check_model_fits_data(model: nn.Module, what: str, data_dir, num_classes: int, in_chans: int, image_size: int) -> None:

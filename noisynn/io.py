@@ -78,13 +78,15 @@ def _json_default(o):
 
 
 def git_commit(cwd: Path | None = None) -> str:
-    """The commit of the code that ran (``-dirty`` when the tree had changes), or ``unknown``."""
+    """The commit of the code that ran, or ``unknown``; ``-dirty`` when a tracked file outside
+    ``results/`` had changes (a workflow run rewrites committed results as it goes: not code)."""
     here = cwd or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)results"], cwd=here,
                                capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):

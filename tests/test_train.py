@@ -270,3 +270,29 @@ def test_training_on_an_image_folder_end_to_end(tmp_path):
                                  {"kind": "linear-optimal", "axis": "batch"}, "layer4.0", test_batch_size=3)
     assert result["protocols"]["released"]["n"] == 6
     assert (result["predictions"]["batch1"] == result["predictions"]["clean"]).all()
+
+
+def test_the_recorded_commit_is_dirty_for_changed_code_not_for_rewritten_results(tmp_path):
+    """A workflow run rewrites committed results (MNIST's checkpoints' sidecars, say) as it goes;
+    the provenance must still name the clean commit then, and say -dirty when code or config differ."""
+    import subprocess
+
+    from noisynn.io import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "noisynn").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "noisynn" / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "summary.csv").write_text("epoch\n1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    package = tmp_path / "noisynn"
+    clean = git_commit(package)
+    assert len(clean) == 40 and not clean.endswith("-dirty")
+    (tmp_path / "results" / "summary.csv").write_text("epoch\n1\n2\n")
+    assert git_commit(package) == clean
+    (tmp_path / "noisynn" / "code.py").write_text("x = 2\n")
+    assert git_commit(package) == clean + "-dirty"

@@ -78,15 +78,17 @@ def _json_default(o):
 
 
 def git_commit(cwd: Path | None = None) -> str:
-    """The commit of the code that ran, or ``unknown``; ``-dirty`` when a tracked file outside
-    ``results/`` had changes (a workflow run rewrites committed results as it goes: not code)."""
+    """The commit of the code that ran, or ``unknown``; ``-dirty`` when a tracked file other than
+    the results had changes. A run rewrites committed results as it goes (``results/``, and
+    ``dvc.lock``, which ``dvc repro`` updates between its stages): those are not code."""
     here = cwd or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                                ":(top,exclude)results"], cwd=here,
+                                ":(top,exclude)results",
+                                ":(top,exclude)dvc.lock"], cwd=here,
                                capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):

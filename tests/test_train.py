@@ -286,6 +286,7 @@ def test_the_recorded_commit_is_dirty_for_changed_code_not_for_rewritten_results
     (tmp_path / "results").mkdir()
     (tmp_path / "noisynn" / "code.py").write_text("x = 1\n")
     (tmp_path / "results" / "summary.csv").write_text("epoch\n1\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
     git("init", "-q")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
@@ -293,6 +294,7 @@ def test_the_recorded_commit_is_dirty_for_changed_code_not_for_rewritten_results
     clean = git_commit(package)
     assert len(clean) == 40 and not clean.endswith("-dirty")
     (tmp_path / "results" / "summary.csv").write_text("epoch\n1\n2\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # dvc repro, between its stages
     assert git_commit(package) == clean
     (tmp_path / "noisynn" / "code.py").write_text("x = 2\n")
     assert git_commit(package) == clean + "-dirty"

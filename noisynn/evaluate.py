@@ -33,7 +33,7 @@ from noisynn.inject import cache_point, forward_prefix, forward_suffix, inject, 
 from noisynn.io import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
-from noisynn.orders import purity_batches, test_batches
+from noisynn.orders import forward_calls, purity_batches, test_batches
 from noisynn.vocab import PROTOCOL_DEFS, PROTOCOLS, REPORTED_METRICS, released_metric
 
 __all__ = ["PROTOCOLS", "PROTOCOL_DEFS", "evaluate_group", "evaluate_checkpoint", "prediction_arrays"]
@@ -114,20 +114,9 @@ class _Runner:
         self.forward_batch_size = forward_batch_size
         self.images = 0
 
-    def _chunks(self, batches: list[np.ndarray]) -> list[list[np.ndarray]]:
-        chunks, size = [], 0
-        for b in batches:
-            if chunks and size + len(b) <= self.forward_batch_size:
-                chunks[-1].append(b)
-                size += len(b)
-            else:
-                chunks.append([b])
-                size = len(b)
-        return chunks
-
     def logits(self, batches: list[np.ndarray]):
         """Yields (the test batches of a chunk, their indices joined, their logits as float32 on CPU)."""
-        chunks = self._chunks(batches)
+        chunks = forward_calls(batches, self.forward_batch_size)
         joined = [np.concatenate(c) for c in chunks]
         if self.cache is not None:
             source = ((self.cache.get(j), None) for j in joined)

@@ -423,6 +423,11 @@ class Injection:
                 raise UserError(f"at site {self.site!r} (input shape {tuple(part.shape)}): {e}") from None
         return (out[0] if len(out) == 1 else torch.cat(out), *args[1:])
 
+    def apply(self, module: nn.Module, args: tuple) -> tuple | None:
+        """The site module's arguments with the noise applied, its checks run (None when inactive):
+        what the hook does in a forward pass, for arguments obtained otherwise (``site_input``)."""
+        return self._hook(module, args)
+
     def remove(self) -> None:
         self._handle.remove()
 
@@ -525,25 +530,40 @@ class _Stop(Exception):
         self.value = value
 
 
-@torch.no_grad()
-def forward_prefix(model: nn.Module, site: str, images: torch.Tensor) -> torch.Tensor:
-    """The input of the cache point for ``images``: the deterministic part of the forward pass."""
-    point = cache_point(model, site)
-    if point == "image":
-        return images
+def _input_of(model: nn.Module, module: nn.Module, images: torch.Tensor) -> tuple | None:
+    """The positional arguments ``module`` receives when ``model`` runs on ``images``, the forward
+    stopping there (None if it never gets there). Prepended: before any noise hook at ``module``."""
 
-    def stop(module, args):
-        raise _Stop(args[0])
+    def stop(m, args):
+        raise _Stop(args)
 
-    # prepend: capture the input before any noise hook at the same module changes it
-    handle = model.get_submodule(point).register_forward_pre_hook(stop, prepend=True)
+    handle = module.register_forward_pre_hook(stop, prepend=True)
     try:
         model(images)
     except _Stop as s:
         return s.value
     finally:
         handle.remove()
-    raise RuntimeError(f"the forward pass of {type(model).__name__} never reached {point}")
+    return None
+
+
+def site_input(model: nn.Module, site: str, images: torch.Tensor) -> tuple[nn.Module, tuple] | None:
+    """The module at ``site`` and the arguments it receives for ``images`` (None if never called)."""
+    module = _site_module(model, site)
+    args = _input_of(model, module, images)
+    return None if args is None else (module, args)
+
+
+@torch.no_grad()
+def forward_prefix(model: nn.Module, site: str, images: torch.Tensor) -> torch.Tensor:
+    """The input of the cache point for ``images``: the deterministic part of the forward pass."""
+    point = cache_point(model, site)
+    if point == "image":
+        return images
+    args = _input_of(model, model.get_submodule(point), images)
+    if args is None:
+        raise RuntimeError(f"the forward pass of {type(model).__name__} never reached {point}")
+    return args[0]
 
 
 def forward_suffix(model: nn.Module, site: str, hidden: torch.Tensor) -> torch.Tensor:

@@ -124,43 +124,33 @@ def check_noises_act(model: nn.Module, site: str, specs, input_shape: tuple[int,
     """Refuse, before any real work, a noise that cannot act at ``site`` or that the site makes the
     identity (a linear noise over an axis of size 1, e.g. ``rows`` on a 1×1 feature map).
 
-    One forward of a meta-device batch of ``input_shape`` with each deterministic noise hooked in:
-    the hook's own checks run on the shapes the real batch will have, at no cost. The random kinds
+    One forward of a meta-device batch of ``input_shape`` up to the site, then each deterministic
+    noise's hook on what the site received: its own checks run on the shapes the real batch will
+    have, at no cost. The random kinds
     act on any tensor and are not run (their generators need a real device). A model whose forward
     the meta device cannot run is left to the hook's checks at the first real batch.
     """
-    from noisynn.inject import _site_module, inject
+    from noisynn.inject import inject, site_input
 
     specs = [sp for sp in specs if sp.kind.startswith("linear")]
     if not specs:
         return
     if next(iter(model.parameters()), torch.empty(0)).device.type != "meta":
         raise ValueError("check_noises_act needs a meta-device model (see meta_model)")
-
-    class _Reached(Exception):
-        pass
-
-    def capture(module, args):
-        raise _Reached(module, args)
-
     # one forward up to the site, whose input each noise's hook then checks (a noise keeps the shape,
     # so what follows the site cannot fail because of it)
-    handle = _site_module(model, site).register_forward_pre_hook(capture, prepend=True)
     try:
         with torch.no_grad():
-            model(torch.empty(*input_shape, device="meta"))
-    except _Reached as reached:
-        module, args = reached.args
+            reached = site_input(model, site, torch.empty(*input_shape, device="meta"))
     except Exception:  # noqa: BLE001 - an op without a meta kernel: the real forward checks it
         return
-    else:
+    if reached is None:
         return  # the forward never reached the site: the real forward's hook will say so
-    finally:
-        handle.remove()
+    module, args = reached
     for spec in specs:
         injection = inject(model, site, spec, at_train=True, at_eval=True)
         try:
-            injection._hook(module, args)
+            injection.apply(module, args)
         except UserError as e:
             raise UserError(f"{what}: noise {spec.kind} on axis {spec.axis}: {e}") from None
         except Exception:  # noqa: BLE001 - an op without a meta kernel: the real forward checks it

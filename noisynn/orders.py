@@ -40,6 +40,22 @@ def test_batches(labels: np.ndarray, order: str, batch_size: int, seed: int = 0)
     return _class_mixed(by_class, batch_size)
 
 
+def forward_calls(batches: list[np.ndarray], max_images: int) -> list[list[np.ndarray]]:
+    """Consecutive test batches grouped into forward calls of at most ``max_images`` images
+    (a batch larger than that is a call of its own); each batch is still noised alone
+    (``inject.joined_batches``)."""
+    calls: list[list[np.ndarray]] = []
+    size = 0
+    for b in batches:
+        if calls and size + len(b) <= max_images:
+            calls[-1].append(b)
+            size += len(b)
+        else:
+            calls.append([b])
+            size = len(b)
+    return calls
+
+
 def _class_mixed(by_class: dict, batch_size: int) -> list[np.ndarray]:
     """Batches of the test batch size (the last may be smaller) with the fewest repeated labels.
 

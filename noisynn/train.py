@@ -56,6 +56,7 @@ from noisynn.models import (
     save_checkpoint,
 )
 from noisynn.noise import NoiseSpec
+from noisynn.orders import forward_calls
 from noisynn.vocab import APPLY
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the scheduler sees a failure and retries; the retry resumes
@@ -170,9 +171,8 @@ def validate(model, split, batch_size: int, device, order_seed: int | None = Non
     model.eval()
     n = len(split)
     idx = np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
-    per_call = max(1, 256 // batch_size)
     batches = [idx[i : i + batch_size] for i in range(0, n, batch_size)]
-    calls = [batches[i : i + per_call] for i in range(0, len(batches), per_call)]
+    calls = forward_calls(batches, 256)
     correct = 0
     for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
         with joined_batches([len(b) for b in call]):

@@ -1,6 +1,7 @@
 """The GPU check: what a person with one GPU runs before the ImageNet audit (under 5 minutes, no downloads).
 
     python benchmarks/gpu_check.py            # or .venv/bin/python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --throughput-out my-gpu.csv   # and its images/s for `noisynn cost`
 
 Synthetic images and random weights of the ViT-B/16-384 and ResNet-50 shapes (no hub, no dataset):
 
@@ -39,6 +40,7 @@ SHAPES = {  # name: (timm model, image size, test images)
 SITES = {"vit_base_patch16_384": "blocks.11.attn", "resnet50": "layer4.2"}
 BATCH = 10
 NOISE = {"kind": "linear-optimal", "axis": "batch"}
+FORWARD_BATCH = 256  # evaluate.forward_batch_size's default
 
 
 def _dataset(root: Path, size: int, n: int) -> Path:
@@ -66,15 +68,15 @@ def _checkpoint(root: Path, timm_name: str, data: Path) -> Path:
 
 
 @torch.no_grad()
-def _bare_loop(timm_name: str, data: Path, passes: int) -> float:
-    """Seconds for ``passes`` plain bf16 forward passes over the test images at the test batch size."""
+def _bare_loop(timm_name: str, data: Path, passes: int, batch: int = BATCH) -> float:
+    """Seconds for ``passes`` plain bf16 forward passes over the test images at ``batch`` images a call."""
     import timm
 
     from noisynn.data import load_dataset
 
     test = load_dataset(data).test
     model = timm.create_model(timm_name, num_classes=1000).cuda().eval()
-    batches = [np.arange(i, min(i + BATCH, len(test))) for i in range(0, len(test), BATCH)]
+    batches = [np.arange(i, min(i + batch, len(test))) for i in range(0, len(test), batch)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(passes):
@@ -85,9 +87,11 @@ def _bare_loop(timm_name: str, data: Path, passes: int) -> float:
     return time.perf_counter() - t0
 
 
-def check_evaluation(work: Path) -> None:
+def check_evaluation(work: Path) -> list[dict]:
+    """Prints figure 1; returns each shape's throughput in the format `noisynn cost --throughput` reads."""
     from noisynn.evaluate import evaluate_group
 
+    rows = []
     for name, (timm_name, size, n) in SHAPES.items():
         data = _dataset(work / f"data-{name}", size, n)
         ckpt = _checkpoint(work / f"ckpt-{name}", timm_name, data)
@@ -103,6 +107,13 @@ def check_evaluation(work: Path) -> None:
         print(f"[1] {name}: {n} images, batch {BATCH}, bf16: noisynn six protocols {ours:.2f} s "
               f"(prefix cache: {result['prefix_cache']}), bare timm loop x6 {bare:.2f} s -> ratio {ours / bare:.2f} "
               f"(limit ~ (1 + 6 x suffix share) / 6); bare loop {6 * n / bare:.0f} images/s", flush=True)
+        # the audit's forward calls join test batches up to evaluate.forward_batch_size images
+        _bare_loop(timm_name, data, 1, FORWARD_BATCH)  # warm-up
+        joined = 3 * n / _bare_loop(timm_name, data, 3, FORWARD_BATCH)
+        print(f"[1] {name}: bare bf16 forward at {FORWARD_BATCH} images a call: {joined:.0f} images/s", flush=True)
+        rows.append({"model": timm_name, "infer_img_size": size, "infer_samples_per_sec": round(joined, 2),
+                     "infer_batch_size": FORWARD_BATCH, "source": f"benchmarks/gpu_check.py on {torch.cuda.get_device_name(0)}"})
+    return rows
 
 
 def check_training(work: Path) -> None:
@@ -137,13 +148,27 @@ def check_training(work: Path) -> None:
         print(ran.stderr[-2000:], flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import csv
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--throughput-out", type=Path,
+                        help="also write the measured images per second as a CSV for `noisynn cost --throughput`")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (run it on a machine with a GPU).")
         return 0
     print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        check_evaluation(Path(tmp))
+        rows = check_evaluation(Path(tmp))
+        if args.throughput_out:
+            with open(args.throughput_out, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            print(f"gpu_check: wrote {args.throughput_out} (`noisynn cost --throughput {args.throughput_out}` scales "
+                  "the other models of each family by their FLOPs)", flush=True)
         check_training(Path(tmp))
     return 0
 

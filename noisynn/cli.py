@@ -157,11 +157,22 @@ def _add_sites(sub) -> None:
     p.add_argument("--model", required=True, type=_json_arg("--model"))
 
 
+def _add_cost(sub) -> None:
+    p = sub.add_parser("cost", help="what a config's evaluations cost: forward passes per model, and hours at a throughput")
+    p.add_argument("--config", required=True, type=Path, help="a workflow config (config/*.yaml)")
+    p.add_argument("--data", type=Path, help="the prepared dataset folder, for its test labels")
+    p.add_argument("--images", type=int, help="test images, without --data (ImageNet's val set: 50000)")
+    p.add_argument("--classes", type=int, help="classes, spread evenly over the test images, without --data (ImageNet: 1000)")
+    p.add_argument("--throughput", type=Path,
+                   help="images per second per model, as a CSV in timm's benchmark format "
+                        "(model,infer_img_size,infer_samples_per_sec), e.g. config/throughput-rtx4090.csv")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prepare, _add_training, _add_import_weights, _add_evaluate, _add_aggregate, _add_report,
-                _add_compare, _add_entropy, _add_sites):
+                _add_compare, _add_entropy, _add_sites, _add_cost):
         add(sub)
     return parser
 
@@ -348,9 +359,22 @@ def _sites(args) -> int:
     return 0
 
 
+def _cost(args) -> int:
+    from noisynn.config import load_config
+    from noisynn.cost import estimate, format_table, read_throughput, test_labels
+
+    if args.data is not None and (args.images is not None or args.classes is not None):
+        raise UserError("cost takes --data (a prepared dataset folder) or --images and --classes, not both.")
+    config = load_config(args.config, check_folders=args.data is not None)
+    throughput = read_throughput(args.throughput) if args.throughput else None
+    labels = test_labels(config, args.data, args.images, args.classes)
+    print(format_table(estimate(config, labels, throughput), len(labels)))
+    return 0
+
+
 HANDLERS = {"prepare": _prepare, "pretrain": _train, "finetune": _train, "import-weights": _import_weights,
             "evaluate": _evaluate, "aggregate": _aggregate, "report": _report, "compare": _compare,
-            "entropy": _entropy, "sites": _sites}
+            "entropy": _entropy, "sites": _sites, "cost": _cost}
 
 
 def _run(args) -> int:

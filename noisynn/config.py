@@ -87,8 +87,11 @@ def _apply_defaults(schema: dict, instance, root: dict):
     return instance
 
 
-def validate_config(config: dict, source: str = "the config") -> dict:
-    """Check ``config`` against the schema and the cross-key rules; returns it with defaults filled."""
+def validate_config(config: dict, source: str = "the config", check_folders: bool = True) -> dict:
+    """Check ``config`` against the schema and the cross-key rules; returns it with defaults filled.
+
+    ``check_folders`` False leaves out whether an ImageFolder root exists (for estimates made
+    before the data is at hand, ``noisynn cost``)."""
     import jsonschema
 
     schema = yaml.safe_load(SCHEMA.read_text())
@@ -98,14 +101,14 @@ def validate_config(config: dict, source: str = "the config") -> dict:
         e = _deepest(errors[0])
         raise UserError(f"{source}: key {_key_path(e)}: {_describe(e)}.")
     config = _apply_defaults(schema, copy.deepcopy(config), schema)
-    _cross_checks(config, source)
+    _cross_checks(config, source, check_folders)
     return config
 
 
-def _cross_checks(config: dict, source: str) -> None:
-    _check_dataset(config["dataset"], "dataset", source)
+def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None:
+    _check_dataset(config["dataset"], "dataset", source, check_folders)
     if config.get("pretrain_dataset") is not None:
-        _check_dataset(config["pretrain_dataset"], "pretrain_dataset", source)
+        _check_dataset(config["pretrain_dataset"], "pretrain_dataset", source, check_folders)
         if config["pretrain_dataset"]["name"] == config["dataset"]["name"]:
             raise UserError(f"{source}: key pretrain_dataset.name: must differ from dataset.name "
                             f"({config['dataset']['name']!r}); both are prepared under results/.")
@@ -144,11 +147,13 @@ def schedule_problem(section: dict) -> str | None:
             "(e.g. 0) or warmup_lr above 0")
 
 
-def _check_dataset(ds: dict, key: str, source: str) -> None:
+def _check_dataset(ds: dict, key: str, source: str, check_folders: bool = True) -> None:
     if ds["kind"] == "imagefolder":
         root = ds.get("root")
         if not root:
             raise UserError(f"{source}: key {key}.root: expected the folder holding {ds['train_dir']}/ and {ds['val_dir']}/ for kind imagefolder.")
+        if not check_folders:
+            return
         for sub in (ds["train_dir"], ds["val_dir"]):
             if not (Path(root) / sub).is_dir():
                 raise UserError(f"{source}: key {key}.root: folder {Path(root) / sub} does not exist (expected an ImageFolder split).")
@@ -238,7 +243,7 @@ def _check_grid(config: dict, source: str) -> None:
                 raise UserError(f"{source}: key noises.{i}.{key}: only the linear noises take {key}; kind is {entry['kind']}.")
 
 
-def load_config(path: Path) -> dict:
+def load_config(path: Path, check_folders: bool = True) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist.")
@@ -246,7 +251,7 @@ def load_config(path: Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
-    return validate_config(data or {}, str(path))
+    return validate_config(data or {}, str(path), check_folders)
 
 
 def _dataset_geometry(ds: dict, model: dict) -> dict:

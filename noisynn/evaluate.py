@@ -33,17 +33,10 @@ from noisynn.inject import cache_point, forward_prefix, forward_suffix, inject, 
 from noisynn.io import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
-from noisynn.orders import forward_calls, purity_batches, test_batches
+from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, forward_calls, purity_batches, test_batches
 from noisynn.vocab import PROTOCOL_DEFS, PROTOCOLS, REPORTED_METRICS, released_metric
 
 __all__ = ["PROTOCOLS", "PROTOCOL_DEFS", "evaluate_group", "evaluate_checkpoint", "prediction_arrays"]
-
-# the orders and batch sizes of the batch-size sweep, and the purity sweep's batch size (issue: the
-# theory's ΔS* = (k-1)·ln(k+1) grows with k whatever the batch holds; the leak follows what it holds)
-SWEEP_ORDERS = ("class_pure", "shuffled", "class_mixed")
-SWEEP_BATCH_SIZES = (1, 2, 4, 8, 10, 16, 32, 64)
-PURITY_BATCH_SIZE = 10
-
 
 class _NoRoom(Exception):
     pass
@@ -308,6 +301,7 @@ def evaluate_group(
 
     t0 = time.time()
     cache = None
+    prefix_images = 0
     if use_prefix_cache and point != "image":
         cache_dtype = torch.bfloat16 if use_amp else torch.float32
         order = np.arange(len(labels))
@@ -323,6 +317,7 @@ def evaluate_group(
                     print(f"noisynn: {e}; every protocol runs the whole network instead", flush=True)
                     break
             cache.put(idx, h)
+            prefix_images += len(idx)
     prefix_seconds = time.time() - t0
     runner = _Runner(model, site, test, labels, cache, dev, use_amp, num_workers, forward_batch_size)
 
@@ -403,7 +398,9 @@ def evaluate_group(
         "reported_metric": reported_metric,
         "prefix_seconds": round(prefix_seconds, 4),
         "total_seconds": round(total, 4),
-        "images_per_second": round((runner.images + (len(labels) if cache is not None else 0)) / max(total, 1e-9), 1),
+        "images_per_second": round((runner.images + prefix_images) / max(total, 1e-9), 1),
+        # through the network up to the cache point, and from it on (every image of a full pass, without the cache)
+        "forward_images": {"prefix": prefix_images, "suffix": runner.images},
         "other_data": other_data,
         "checkpoint_data_fingerprint": trained_on,
         "checkpoint_train_args": meta.get("train_args"),

@@ -12,6 +12,12 @@ import numpy as np
 from noisynn.errors import UserError
 from noisynn.vocab import ORDERS
 
+# the orders and batch sizes of the batch-size sweep, and the purity sweep's batch size (the theory's
+# ΔS* = (k-1)·ln(k+1) grows with k whatever a batch holds; the leak follows what it holds)
+SWEEP_ORDERS = ("class_pure", "shuffled", "class_mixed")
+SWEEP_BATCH_SIZES = (1, 2, 4, 8, 10, 16, 32, 64)
+PURITY_BATCH_SIZE = 10
+
 
 def test_batches(labels: np.ndarray, order: str, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     """Split the indices 0..N-1 into test batches in the named order; every index appears once.

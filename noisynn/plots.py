@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from noisynn.io import atomic_path
+from noisynn.orders import SWEEP_ORDERS
 from noisynn.results import NO_DATA, Results, Setting
-from noisynn.tables import SWEEP_ORDERS, delta_s_star, entropy_points, seed_mean, strength_settings
+from noisynn.tables import delta_s_star, entropy_points, seed_mean, strength_settings
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
 
 STRENGTH_PROTOCOLS = ("clean", "released", "shuffled", "batch1")

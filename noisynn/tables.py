@@ -17,11 +17,11 @@ import pandas as pd
 
 from noisynn.compare import CELLS_COLUMNS
 from noisynn.io import atomic_path, atomic_write_text
+from noisynn.orders import SWEEP_ORDERS
 from noisynn.results import NO_DATA, Results, Setting
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS
 
 NOT_RUN = "not run at this scale"
-SWEEP_ORDERS = ("class_pure", "shuffled", "class_mixed")
 POOLING_PROTOCOLS = ("released", "shuffled", "class_pure", "class_mixed")
 PAPER_COLUMNS = ["claim_id", "model", "dataset", "resolution", "noise", "protocol", "metric", "value", "source"]
 SETTING = ["model", "noise", "apply", "site"]

@@ -578,3 +578,21 @@ def test_second_training_on_a_run_folder_in_use(resnet_run, digits_dir, tmp_path
         line = refused_in_subprocess(finetune(resnet_run.checkpoint, digits_dir, out), out, "in use")
         assert "another training" in line
     assert_no_run(out)
+
+
+def test_cost_mistakes_are_one_sentence(tmp_path, capsys):
+    audit = REPO / "config" / "imagenet-audit.yaml"
+    split = ["--images", "50000", "--classes", "1000"]
+    refused(capsys, ["cost", "--config", audit], "--images", "--classes")
+    refused(capsys, ["cost", "--config", audit, "--images", "10", "--classes", "20"], "--classes")
+    refused(capsys, ["cost", "--config", audit, "--data", tmp_path, "--images", "10"], "--data", "--images")
+    missing = tmp_path / "none.csv"
+    refused(capsys, ["cost", "--config", audit, *split, "--throughput", missing], missing)
+    columns = tmp_path / "columns.csv"
+    columns.write_text("model,img_size,samples_per_sec\nresnet50,224,100\n")
+    refused(capsys, ["cost", "--config", audit, *split, "--throughput", columns], columns, "infer_samples_per_sec")
+    value = tmp_path / "value.csv"
+    value.write_text("model,infer_img_size,infer_samples_per_sec\nresnet50,224,fast\n")
+    refused(capsys, ["cost", "--config", audit, *split, "--throughput", value], value, "line 2")
+    digits = REPO / "config" / "config.yaml"
+    refused(capsys, ["cost", "--config", digits], "--data")

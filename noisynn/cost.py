@@ -1,0 +1,247 @@
+"""What the evaluations of a config cost before they run: forward passes, and hours at a throughput.
+
+An evaluation group (noisynn/grid.py) runs one pass of its test images up to the site's cache point
+(the prefix, cached), then, for every setting and protocol and for the sweeps of the released
+recipe, the network from the cache point on (the suffix). ``forward_images`` counts the images of
+each kind exactly as ``evaluate.evaluate_group`` runs them (a test holds the two equal), and
+``suffix_share`` measures the fraction of a forward pass's floating-point operations after the
+cache point, with torch's FLOP counter on the meta device (no weights, no memory). Together:
+
+    full-forward equivalents = (prefix images × (1 − share) + suffix images × share) / test images
+
+and, at a model's measured images per second (a CSV in the format of timm's benchmark files,
+``model,infer_img_size,infer_samples_per_sec``), its hours. Not counted: reading and decoding the
+images for the prefix pass (one read of the test set per group), which bounds the small models.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from noisynn.errors import UserError
+from noisynn.grid import Grid
+from noisynn.noise import NoiseSpec
+from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, purity_batches
+from noisynn.vocab import PROTOCOL_DEFS
+
+
+def forward_images(settings: list[dict], protocols, labels: np.ndarray, seed: int, cached: bool) -> dict:
+    """Images through the prefix and through the suffix when ``evaluate_group`` runs these settings.
+
+    Every protocol's batches hold each test image once; the noise-off protocols run once per group
+    (every setting predicts what the plain model predicts there); a setting with ``sweeps`` adds the
+    batch-size sweep (a batch of one image is one batch in every order, run once for a noise that
+    draws no random numbers), the purity sweep's batches and, if the group has no clean pass yet,
+    the pooling control's clean pass. Without the cache (noise at the image) every pass is whole.
+    """
+    n = len(labels)
+    suffix = 0
+    clean_done: set[str] = set()
+    for setting in settings:
+        spec = NoiseSpec.from_dict(setting["noise_params"])
+        for name in protocols:
+            if not PROTOCOL_DEFS[name].noise_on:
+                if name in clean_done:
+                    continue
+                clean_done.add(name)
+            suffix += n
+        if setting.get("sweeps"):
+            for order in SWEEP_ORDERS:
+                for k in SWEEP_BATCH_SIZES:
+                    if not (k == 1 and order != SWEEP_ORDERS[0] and not spec.is_random):
+                        suffix += n
+            suffix += _purity_images(np.asarray(labels, dtype=np.int64).tobytes(), seed)
+            if "clean" not in clean_done:
+                clean_done.add("clean")
+                suffix += n
+    return {"prefix": n if cached else 0, "suffix": suffix}
+
+
+@lru_cache(maxsize=8)
+def _purity_images(labels: bytes, seed: int) -> int:
+    """Images in the purity sweep's batches (memoized: the same test split for every model of a config)."""
+    y = np.frombuffer(labels, dtype=np.int64)
+    return sum(sum(len(b) for b, _ in purity_batches(y, m, PURITY_BATCH_SIZE, seed)) for m in range(1, PURITY_BATCH_SIZE + 1))
+
+
+@dataclass
+class Split:
+    """Where a model's forward pass is cut for one site, measured on the meta device."""
+
+    cache_point: str
+    flops: int  # of one image's whole forward (torch's counter: matrix products and convolutions)
+    suffix_flops: int  # of the part from the cache point on
+    cache_shape: tuple[int, ...]  # one image's activations at the cache point
+
+    @property
+    def share(self) -> float:
+        return self.suffix_flops / self.flops if self.flops else 1.0
+
+
+def measure_split(model, site: str, in_chans: int, image_size: int) -> Split:
+    """The FLOPs of one image's forward pass, before and after the cache point of ``site``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from noisynn.inject import cache_point, forward_prefix
+
+    x = torch.empty(1, in_chans, image_size, image_size, device="meta")
+    point = cache_point(model, site)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as whole:
+            model(x)
+        total = whole.get_total_flops()
+        if point == "image":
+            return Split(point, total, total, tuple(x.shape[1:]))
+        with FlopCounterMode(display=False) as before:
+            h = forward_prefix(model, site, x)
+    return Split(point, total, total - before.get_total_flops(), tuple(h.shape[1:]))
+
+
+def read_throughput(path: Path) -> dict[tuple[str, int], float]:
+    """Images per second by (timm model name, image size), from a CSV in timm's benchmark format."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"throughput file {path} does not exist.")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        need = {"model", "infer_img_size", "infer_samples_per_sec"}
+        missing = need - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"throughput file {path} lacks the column(s) {', '.join(sorted(missing))}; expected "
+                            "timm's benchmark format: model,infer_img_size,infer_samples_per_sec.")
+        out = {}
+        for i, row in enumerate(reader, start=2):
+            try:
+                size, ips = int(row["infer_img_size"]), float(row["infer_samples_per_sec"])
+            except (TypeError, ValueError):
+                raise UserError(f"throughput file {path}, line {i}: infer_img_size must be an integer and "
+                                f"infer_samples_per_sec a number; got {row['infer_img_size']!r}, "
+                                f"{row['infer_samples_per_sec']!r}.") from None
+            if not math.isfinite(ips) or ips <= 0:
+                raise UserError(f"throughput file {path}, line {i}: infer_samples_per_sec must be > 0; got {ips}.")
+            out[(row["model"].strip(), size)] = ips
+    return out
+
+
+def test_labels(config: dict, data: Path | None, images: int | None, classes: int | None) -> np.ndarray:
+    """The labels of the test split: from a prepared dataset folder, or ``images`` spread evenly
+    over ``classes`` (ImageNet's val set: 50,000 over 1,000, 50 each)."""
+    if data is not None:
+        from noisynn.data import load_dataset
+
+        return np.asarray(load_dataset(Path(data), None, train_augment=False, splits=("val",)).test.labels)
+    if config["dataset"]["kind"] in ("digits", "mnist") and images is None:
+        raise UserError(f"the {config['dataset']['kind']} test split is made by `noisynn prepare`; pass --data with "
+                        "the prepared folder (results/<dataset>/data), or --images and --classes.")
+    if images is None or classes is None:
+        raise UserError("cost needs the test split: --data (a prepared dataset folder), or --images and --classes "
+                        "(e.g. --images 50000 --classes 1000 for ImageNet's val set).")
+    if images < 1 or classes < 1 or classes > images:
+        raise UserError(f"cost --images and --classes must be positive, with at most one class per image; got "
+                        f"{images} images and {classes} classes.")
+    return np.sort(np.arange(images) % classes)
+
+
+def _image_size(config: dict, m: dict) -> int:
+    if config["dataset"]["kind"] in ("digits", "mnist"):
+        return int(config["dataset"]["image_size"])
+    return int(m.get("image_size") or (m.get("kwargs") or {}).get("img_size") or config["dataset"]["image_size"])
+
+
+def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int], float] | None = None,
+             cache_bytes_per_value: int = 2) -> list[dict]:
+    """One row per model of a validated config: its groups' passes, full-forward equivalents and hours.
+
+    A model without its own throughput row takes the one of the row of its family (vit, resnet, …)
+    closest in FLOPs, scaled by the FLOP ratio, and says so (``throughput_source``).
+    """
+    from noisynn.inject import model_family
+    from noisynn.models import meta_model
+
+    grid = Grid(config)
+    num_classes = len(np.unique(labels))
+    in_chans = 1 if config["dataset"]["kind"] in ("digits", "mnist") else 3
+    protocols = tuple(config["evaluate"]["protocols"])
+    n = len(labels)
+    references = []  # (family, flops, name, ips) of the throughput rows, for models without their own
+    for (name, size), ips in (throughput or {}).items():
+        try:
+            ref = meta_model({"timm_name": name}, 1000, 3)
+        except Exception:  # noqa: BLE001 (a row for a model this timm does not know: not a reference)
+            continue
+        references.append((model_family(ref), measure_split(ref, "image", 3, size).flops, f"{name}@{size}", ips))
+    rows = []
+    for key, m in config["models"].items():
+        groups = [g for g in grid.groups if g.model == key]
+        if not groups:
+            continue
+        size = _image_size(config, m)
+        model = meta_model({k: m[k] for k in ("timm_name", "kwargs") if m.get(k) is not None}, num_classes, in_chans)
+        base = m["timm_name"].split(".")[0]
+        prefix = suffix = equivalents = 0.0
+        cache_gib = 0.0
+        sites = []
+        split = None
+        for g in groups:
+            site = g.site if g.site != "none" else "image"
+            split = measure_split(model, site, in_chans, size)
+            counts = forward_images(grid.settings(g), protocols, labels, g.seed, split.cache_point != "image")
+            prefix += counts["prefix"]
+            suffix += counts["suffix"]
+            equivalents += (counts["prefix"] * (1 - split.share) + counts["suffix"] * split.share) / n
+            if split.cache_point != "image":
+                cache_gib = max(cache_gib, n * math.prod(split.cache_shape) * cache_bytes_per_value / 2**30)
+            label = f"{site} ({split.share:.1%})"
+            if label not in sites:
+                sites.append(label)
+        ips, source = None, "none"
+        if throughput and (base, size) in throughput:
+            ips, source = throughput[(base, size)], f"{base}@{size}"
+        elif references:
+            family = model_family(model)
+            same = [r for r in references if r[0] == family]
+            if same:
+                fam, flops, name, ref_ips = min(same, key=lambda r: abs(math.log(r[1] / split.flops)))
+                ips, source = ref_ips * flops / split.flops, f"{name} × FLOP ratio {flops / split.flops:.2f}"
+        rows.append({
+            "model": key, "timm_name": m["timm_name"], "image_size": size, "groups": len(groups),
+            "sites": ", ".join(sites), "gflops": split.flops / 1e9, "prefix_images": int(prefix),
+            "suffix_images": int(suffix), "equivalents": equivalents, "cache_gib": cache_gib,
+            "images_per_second": ips, "throughput_source": source,
+            "hours": equivalents * n / ips / 3600 if ips else None,
+        })
+    return rows
+
+
+def format_table(rows: list[dict], n: int) -> str:
+    """The estimate as a Markdown table with its total."""
+    lines = [f"Evaluation cost over {n} test images (forward passes only; decoding the images is not counted).",
+             "",
+             "| model | timm | px | sites (FLOPs after the cache point) | jobs | GFLOPs/image | suffix passes | "
+             "full-forward equivalents | largest prefix cache (bf16) | images/s | from | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "—"
+        minutes = f"{60 * r['hours']:.1f}" if r["hours"] is not None else "—"
+        cache = f"{r['cache_gib']:.1f} GiB" if r["cache_gib"] >= 0.1 else f"{r['cache_gib'] * 1024:.1f} MiB"
+        lines.append(f"| {r['model']} | {r['timm_name']} | {r['image_size']} | {r['sites']} | {r['groups']} | "
+                     f"{r['gflops']:.3g} | {r['suffix_images'] / n:.1f} | {r['equivalents']:.1f} | {cache} | {ips} | "
+                     f"{r['throughput_source']} | {minutes} |")
+    known = [r for r in rows if r["hours"] is not None]
+    total = sum(r["hours"] for r in known)
+    left = len(rows) - len(known)
+    lines.append("")
+    if not known:
+        lines.append("Time: give the images per second of your device with --throughput (a CSV in timm's benchmark "
+                     "format; benchmarks/gpu_check.py --throughput-out writes one).")
+    else:
+        lines.append(f"Total: {total:.2f} GPU-hours ({60 * total:.0f} minutes) for {len(known)} of {len(rows)} models"
+                     + (f" ({left} without a throughput of its own or its family's)." if left else "."))
+    return "\n".join(lines)

@@ -170,13 +170,20 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     in_chans = 1 if config["dataset"]["kind"] in ("digits", "mnist") else 3
     protocols = tuple(config["evaluate"]["protocols"])
     n = len(labels)
-    references = []  # (family, flops, name, ips) of the throughput rows, for models without their own
-    for (name, size), ips in (throughput or {}).items():
-        try:
-            ref = meta_model({"timm_name": name}, 1000, 3)
-        except Exception:  # noqa: BLE001 (a row for a model this timm does not know: not a reference)
-            continue
-        references.append((model_family(ref), measure_split(ref, "image", 3, size).flops, f"{name}@{size}", ips))
+    references: list | None = None  # (family, flops, name, ips) of the rows, built for a model without its own
+
+    def reference_rows() -> list:
+        nonlocal references
+        if references is None:
+            references = []
+            for (name, size), ips in (throughput or {}).items():
+                try:
+                    ref = meta_model({"timm_name": name}, 1000, 3)
+                except Exception:  # noqa: BLE001 (a row for a model this timm does not know: not a reference)
+                    continue
+                references.append((model_family(ref), measure_split(ref, "image", 3, size).flops, f"{name}@{size}", ips))
+        return references
+
     rows = []
     for key, m in config["models"].items():
         groups = [g for g in grid.groups if g.model == key]
@@ -204,9 +211,9 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
         ips, source = None, "none"
         if throughput and (base, size) in throughput:
             ips, source = throughput[(base, size)], f"{base}@{size}"
-        elif references:
+        elif throughput:
             family = model_family(model)
-            same = [r for r in references if r[0] == family]
+            same = [r for r in reference_rows() if r[0] == family]
             if same:
                 fam, flops, name, ref_ips = min(same, key=lambda r: abs(math.log(r[1] / split.flops)))
                 ips, source = ref_ips * flops / split.flops, f"{name} × FLOP ratio {flops / split.flops:.2f}"

@@ -368,7 +368,8 @@ def _cost(args) -> int:
     config = load_config(args.config, check_folders=args.data is not None)
     throughput = read_throughput(args.throughput) if args.throughput else None
     labels = test_labels(config, args.data, args.images, args.classes)
-    print(format_table(estimate(config, labels, throughput), len(labels)))
+    runtime = config["evaluate"]["resources"].get("runtime")
+    print(format_table(estimate(config, labels, throughput), len(labels), runtime))
     return 0
 
 

@@ -17,6 +17,7 @@ images for the prefix pass (one read of the test set per group), which bounds th
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -108,25 +109,29 @@ def read_throughput(path: Path) -> dict[tuple[str, int], float]:
     """Images per second by (timm model name, image size), from a CSV in timm's benchmark format."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"throughput file {path} does not exist.")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        need = {"model", "infer_img_size", "infer_samples_per_sec"}
-        missing = need - set(reader.fieldnames or [])
-        if missing:
-            raise UserError(f"throughput file {path} lacks the column(s) {', '.join(sorted(missing))}; expected "
-                            "timm's benchmark format: model,infer_img_size,infer_samples_per_sec.")
-        out = {}
-        for i, row in enumerate(reader, start=2):
-            try:
-                size, ips = int(row["infer_img_size"]), float(row["infer_samples_per_sec"])
-            except (TypeError, ValueError):
-                raise UserError(f"throughput file {path}, line {i}: infer_img_size must be an integer and "
-                                f"infer_samples_per_sec a number; got {row['infer_img_size']!r}, "
-                                f"{row['infer_samples_per_sec']!r}.") from None
-            if not math.isfinite(ips) or ips <= 0:
-                raise UserError(f"throughput file {path}, line {i}: infer_samples_per_sec must be > 0; got {ips}.")
-            out[(row["model"].strip(), size)] = ips
+        raise UserError(f"throughput file {path} {'is not a file' if path.exists() else 'does not exist'}.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"throughput file {path} is not UTF-8 text; expected a CSV in timm's benchmark format "
+                        "(model,infer_img_size,infer_samples_per_sec).") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    need = {"model", "infer_img_size", "infer_samples_per_sec"}
+    missing = need - set(reader.fieldnames or [])
+    if missing:
+        raise UserError(f"throughput file {path} lacks the column(s) {', '.join(sorted(missing))}; expected "
+                        "timm's benchmark format: model,infer_img_size,infer_samples_per_sec.")
+    out = {}
+    for i, row in enumerate(reader, start=2):
+        try:
+            size, ips = int(row["infer_img_size"]), float(row["infer_samples_per_sec"])
+        except (TypeError, ValueError):
+            raise UserError(f"throughput file {path}, line {i}: infer_img_size must be an integer and "
+                            f"infer_samples_per_sec a number; got {row['infer_img_size']!r}, "
+                            f"{row['infer_samples_per_sec']!r}.") from None
+        if not math.isfinite(ips) or ips <= 0:
+            raise UserError(f"throughput file {path}, line {i}: infer_samples_per_sec must be > 0; got {ips}.")
+        out[(row["model"].strip(), size)] = ips
     return out
 
 
@@ -155,14 +160,27 @@ def _image_size(config: dict, m: dict) -> int:
     return int(m.get("image_size") or (m.get("kwargs") or {}).get("img_size") or config["dataset"]["image_size"])
 
 
+# evaluate_group keeps a prefix cache up to this size in RAM and memory-maps a larger one on the
+# node's disk (its max_cache_bytes default, which the workflow leaves as it is; a test holds the two equal)
+RAM_CACHE_BYTES = 4 << 30
+# kwargs that leave a timm model's architecture as its name says (its own throughput row applies)
+_NEUTRAL_KWARGS = {"num_classes", "img_size", "in_chans", "drop_rate", "drop_path_rate"}
+
+
+def _architecture(timm_name: str) -> str:
+    """The architecture word of a timm name: vit_base_patch16_384.augreg → vit, resnet50 → resnet."""
+    return timm_name.split(".")[0].split("_")[0].rstrip("0123456789")
+
+
 def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int], float] | None = None,
              cache_bytes_per_value: int = 2) -> list[dict]:
     """One row per model of a validated config: its groups' passes, full-forward equivalents and hours.
 
-    A model without its own throughput row takes the one of the row of its family (vit, resnet, …)
-    closest in FLOPs, scaled by the FLOP ratio, and says so (``throughput_source``).
+    A model takes its own throughput row (its timm name without the weight tag, at its image size)
+    when its kwargs leave the architecture as named; otherwise the row of the same architecture word
+    (vit, resnet, …) nearest in FLOPs, scaled by the FLOP ratio, and it says so (``throughput_source``).
+    A transfer config's models are counted as the evaluation sees them: rebuilt for its data.
     """
-    from noisynn.inject import model_family
     from noisynn.models import meta_model
 
     grid = Grid(config)
@@ -170,19 +188,21 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     in_chans = 1 if config["dataset"]["kind"] in ("digits", "mnist") else 3
     protocols = tuple(config["evaluate"]["protocols"])
     n = len(labels)
-    references: list | None = None  # (family, flops, name, ips) of the rows, built for a model without its own
+    references: dict[str, list] = {}  # architecture word → (flops, name@size, ips) of its rows
 
-    def reference_rows() -> list:
-        nonlocal references
-        if references is None:
-            references = []
+    def reference_rows(word: str) -> list:
+        if word not in references:
+            references[word] = []
             for (name, size), ips in (throughput or {}).items():
-                try:
-                    ref = meta_model({"timm_name": name}, 1000, 3)
-                except Exception:  # noqa: BLE001 (a row for a model this timm does not know: not a reference)
+                if _architecture(name) != word:
                     continue
-                references.append((model_family(ref), measure_split(ref, "image", 3, size).flops, f"{name}@{size}", ips))
-        return references
+                try:
+                    flops = measure_split(meta_model({"timm_name": name}, 1000, 3), "image", 3, size).flops
+                except Exception:  # noqa: BLE001 (a row this timm cannot build or count: not a reference)
+                    continue
+                if flops:
+                    references[word].append((flops, f"{name}@{size}", ips))
+        return references[word]
 
     rows = []
     for key, m in config["models"].items():
@@ -190,7 +210,14 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
         if not groups:
             continue
         size = _image_size(config, m)
-        model = meta_model({k: m[k] for k in ("timm_name", "kwargs") if m.get(k) is not None}, num_classes, in_chans)
+        cfg = {k: m[k] for k in ("timm_name", "kwargs") if m.get(k) is not None}
+        model = meta_model(cfg, num_classes, in_chans)
+        if config.get("pretrain_dataset") is not None and not m.get("skip_pretrain"):
+            # the fine-tuning rebuilds the model for the evaluation's data (models.adapt_to_data)
+            kwargs = {**(cfg.get("kwargs") or {}), "num_classes": num_classes, "in_chans": in_chans}
+            if "img_size" in kwargs or hasattr(model, "patch_embed"):
+                kwargs["img_size"] = size
+            model = meta_model({**cfg, "kwargs": kwargs}, num_classes, in_chans)
         base = m["timm_name"].split(".")[0]
         prefix = suffix = equivalents = 0.0
         cache_gib = 0.0
@@ -209,13 +236,13 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
             if label not in sites:
                 sites.append(label)
         ips, source = None, "none"
-        if throughput and (base, size) in throughput:
+        own_row = not set(m.get("kwargs") or {}) - _NEUTRAL_KWARGS
+        if throughput and own_row and (base, size) in throughput:
             ips, source = throughput[(base, size)], f"{base}@{size}"
         elif throughput:
-            family = model_family(model)
-            same = [r for r in reference_rows() if r[0] == family]
+            same = reference_rows(_architecture(m["timm_name"]))
             if same:
-                fam, flops, name, ref_ips = min(same, key=lambda r: abs(math.log(r[1] / split.flops)))
+                flops, name, ref_ips = min(same, key=lambda r: abs(math.log(r[0] / split.flops)))
                 ips, source = ref_ips * flops / split.flops, f"{name} × FLOP ratio {flops / split.flops:.2f}"
         rows.append({
             "model": key, "timm_name": m["timm_name"], "image_size": size, "groups": len(groups),
@@ -223,13 +250,16 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
             "suffix_images": int(suffix), "equivalents": equivalents, "cache_gib": cache_gib,
             "images_per_second": ips, "throughput_source": source,
             "hours": equivalents * n / ips / 3600 if ips else None,
+            # without room for the cache every pass runs the whole network
+            "hours_without_cache": suffix / ips / 3600 if ips else None,
         })
     return rows
 
 
-def format_table(rows: list[dict], n: int) -> str:
-    """The estimate as a Markdown table with its total."""
-    lines = [f"Evaluation cost over {n} test images (forward passes only; decoding the images is not counted).",
+def format_table(rows: list[dict], n: int, runtime_minutes: float | None = None) -> str:
+    """The estimate as a Markdown table with its total, and where a cache needs disk room."""
+    lines = [f"Evaluation cost over {n} test images: the GPU time of the forward passes, a lower bound (not counted: "
+             "decoding the images, copying the cached activations back to the GPU, the per-batch noise calls).",
              "",
              "| model | timm | px | sites (FLOPs after the cache point) | jobs | GFLOPs/image | suffix passes | "
              "full-forward equivalents | largest prefix cache (bf16) | images/s | from | minutes |",
@@ -237,7 +267,8 @@ def format_table(rows: list[dict], n: int) -> str:
     for r in rows:
         ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "—"
         minutes = f"{60 * r['hours']:.1f}" if r["hours"] is not None else "—"
-        cache = f"{r['cache_gib']:.1f} GiB" if r["cache_gib"] >= 0.1 else f"{r['cache_gib'] * 1024:.1f} MiB"
+        gib = r["cache_gib"]
+        cache = f"{gib:.1f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB" if gib * 1024 >= 0.1 else f"{gib * 2**20:.0f} KiB"
         lines.append(f"| {r['model']} | {r['timm_name']} | {r['image_size']} | {r['sites']} | {r['groups']} | "
                      f"{r['gflops']:.3g} | {r['suffix_images'] / n:.1f} | {r['equivalents']:.1f} | {cache} | {ips} | "
                      f"{r['throughput_source']} | {minutes} |")
@@ -250,5 +281,15 @@ def format_table(rows: list[dict], n: int) -> str:
                      "format; benchmarks/gpu_check.py --throughput-out writes one).")
     else:
         lines.append(f"Total: {total:.2f} GPU-hours ({60 * total:.0f} minutes) for {len(known)} of {len(rows)} models"
-                     + (f" ({left} without a throughput of its own or its family's)." if left else "."))
+                     + (f" ({left} without a throughput of its own or of its architecture)." if left else "."))
+    on_disk = [r for r in rows if r["cache_gib"] * 2**30 > RAM_CACHE_BYTES]
+    if on_disk:
+        big = max(on_disk, key=lambda r: r["cache_gib"])
+        without = big["hours_without_cache"]
+        lines.append(f"Prefix caches over {RAM_CACHE_BYTES / 2**30:.0f} GiB ({len(on_disk)} of {len(rows)} models) are "
+                     f"memory-mapped in $SLURM_TMPDIR or the node's temp folder: {big['model']}'s needs "
+                     f"{big['cache_gib']:.0f} GiB free there; without the room it runs every pass whole"
+                     + (f" ({60 * without:.0f} minutes)" if without is not None else "") + ".")
+        if runtime_minutes and without is not None and 60 * without > runtime_minutes:
+            lines.append(f"That is over the {runtime_minutes:.0f} minutes of the config's evaluate.resources.runtime.")
     return "\n".join(lines)

@@ -90,8 +90,42 @@ def test_a_model_without_its_own_throughput_takes_its_family_s_scaled_by_flops(t
     ratio = rows["vit_base_384"]["gflops"] / rows["vit_base_224"]["gflops"]
     assert rows["vit_base_224"]["images_per_second"] == pytest.approx(1000 * ratio)
     assert "FLOP ratio" in rows["vit_base_224"]["throughput_source"]
-    assert rows["resnet50"]["images_per_second"] is None  # no ResNet row: no guess across families
+    assert rows["resnet50"]["images_per_second"] is None  # no ResNet row: no guess across architectures
     assert rows["resnet50"]["hours"] is None
+
+
+def test_a_model_whose_kwargs_change_it_or_a_row_that_cannot_be_built_take_no_row_as_their_own(tmp_path):
+    table = tmp_path / "rows.csv"
+    table.write_text("model,infer_img_size,infer_samples_per_sec\nvit_base_patch16_224,224,3000\n"
+                     "vit_no_such_model,224,5\nvit_base_patch16_384,384,1000\n")
+    config = load_config(AUDIT, check_folders=False)
+    config["models"] = {"vit_base_224": {**config["models"]["vit_base_224"], "kwargs": {"depth": 6}, "site": "blocks.5.attn"}}
+    config["noises"] = [{"kind": "linear-optimal", "axis": ["batch"]}]
+    labels = np.sort(np.arange(2000) % 1000)
+    (row,) = estimate(config, labels, read_throughput(table))
+    # a ViT-B of 6 blocks is not the benchmark's ViT-B/16: the nearest row in FLOPs, scaled
+    assert row["throughput_source"].startswith("vit_base_patch16_224@224 × FLOP ratio")
+    full = measure_split(meta_model({"timm_name": "vit_base_patch16_224"}, 1000, 3), "image", 3, 224).flops
+    assert row["images_per_second"] == pytest.approx(3000 * full / (row["gflops"] * 1e9))
+
+
+def test_a_transfer_config_counts_the_model_the_evaluation_sees():
+    # transfer.yaml pretrains at 28 px on MNIST and evaluates at 16 px on digits
+    config = load_config(REPO / "config" / "transfer.yaml")
+    labels = np.sort(np.arange(360) % 10)
+    rows = {r["model"]: r for r in estimate(config, labels)}
+    vit = config["models"]["vit"]
+    seen = meta_model({"timm_name": vit["timm_name"], "kwargs": {**vit["kwargs"], "img_size": 16}}, 10, 1)
+    assert rows["vit"]["gflops"] * 1e9 == measure_split(seen, "image", 1, 16).flops
+    assert rows["vit"]["image_size"] == 16
+
+
+def test_the_estimate_knows_where_the_evaluation_keeps_its_cache_in_ram():
+    import inspect
+
+    from noisynn.cost import RAM_CACHE_BYTES
+
+    assert inspect.signature(evaluate_group).parameters["max_cache_bytes"].default == RAM_CACHE_BYTES
 
 
 @pytest.mark.slow
@@ -102,7 +136,10 @@ def test_the_audit_config_states_the_cost_the_tool_prints(capsys):
                  "--throughput", str(THROUGHPUT)]) == 0
     out = capsys.readouterr().out
     models = load_config(AUDIT, check_folders=False)["models"]
-    assert sum(line.startswith(f"| {m} |") for line in out.splitlines() for m in models) == len(models) == 10
+    table = [line for line in out.splitlines() for m in models if line.startswith(f"| {m} |")]
+    assert len(table) == len(models) == 10
+    # every model: 45 noisy passes (9 settings × 5 protocols), clean once, the sweeps 22 + 30
+    assert all("| 98.0 |" in line for line in table), table
     total = re.search(r"Total: ([\d.]+) GPU-hours \((\d+) minutes\) for 10 of 10 models", out)
     assert total, out
     header = AUDIT.read_text().split("\ndataset:")[0]

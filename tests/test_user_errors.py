@@ -594,5 +594,9 @@ def test_cost_mistakes_are_one_sentence(tmp_path, capsys):
     value = tmp_path / "value.csv"
     value.write_text("model,infer_img_size,infer_samples_per_sec\nresnet50,224,fast\n")
     refused(capsys, ["cost", "--config", audit, *split, "--throughput", value], value, "line 2")
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_text("model,infer_img_size,infer_samples_per_sec\n", encoding="utf-16")
+    refused(capsys, ["cost", "--config", audit, *split, "--throughput", utf16], utf16, "UTF-8")
+    refused(capsys, ["cost", "--config", audit, *split, "--throughput", tmp_path], tmp_path, "not a file")
     digits = REPO / "config" / "config.yaml"
     refused(capsys, ["cost", "--config", digits], "--data")

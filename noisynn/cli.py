@@ -361,13 +361,13 @@ def _sites(args) -> int:
 
 def _cost(args) -> int:
     from noisynn.config import load_config
-    from noisynn.cost import estimate, format_table, read_throughput, test_labels
+    from noisynn.cost import estimate, format_table, read_throughput, split_labels
 
     if args.data is not None and (args.images is not None or args.classes is not None):
         raise UserError("cost takes --data (a prepared dataset folder) or --images and --classes, not both.")
     config = load_config(args.config, check_folders=args.data is not None)
     throughput = read_throughput(args.throughput) if args.throughput else None
-    labels = test_labels(config, args.data, args.images, args.classes)
+    labels = split_labels(config, args.data, args.images, args.classes)
     runtime = config["evaluate"]["resources"].get("runtime")
     print(format_table(estimate(config, labels, throughput), len(labels), runtime))
     return 0

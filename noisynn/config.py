@@ -254,13 +254,15 @@ def load_config(path: Path, check_folders: bool = True) -> dict:
     return validate_config(data or {}, str(path), check_folders)
 
 
-def _dataset_geometry(ds: dict, model: dict) -> dict:
-    """(num_classes, in_chans, image_size) of the images a model sees on a dataset of the config."""
+def dataset_geometry(ds: dict, model: dict, num_classes: int | None = None) -> dict:
+    """(num_classes, in_chans, image_size) of the images a model sees on a dataset of the config;
+    an ImageFolder's classes are its class folders unless ``num_classes`` is given."""
     if ds["kind"] in ("digits", "mnist"):
-        return {"name": ds["name"], "num_classes": 10, "in_chans": 1, "image_size": ds["image_size"]}
-    classes = sorted(d.name for d in os.scandir(Path(ds["root"]) / ds["train_dir"]) if d.is_dir())
+        return {"name": ds["name"], "num_classes": num_classes or 10, "in_chans": 1, "image_size": ds["image_size"]}
+    if num_classes is None:
+        num_classes = len([d for d in os.scandir(Path(ds["root"]) / ds["train_dir"]) if d.is_dir()])
     size = model.get("image_size") or (model.get("kwargs") or {}).get("img_size") or ds["image_size"]
-    return {"name": ds["name"], "num_classes": len(classes), "in_chans": 3, "image_size": int(size)}
+    return {"name": ds["name"], "num_classes": num_classes, "in_chans": 3, "image_size": int(size)}
 
 
 def _code_digest() -> str:
@@ -313,8 +315,8 @@ def model_checks(config: dict, source: str) -> list[dict]:
         record = {
             "source": source, "name": name, "model": model, "pretrained": local, "pretrained_stat": stat,
             "new_head_allowed": config.get("finetune") is not None, "sites": sites, "noises": noises,
-            "batch_size": batch, "start_data": _dataset_geometry(start_data, m),
-            "data": _dataset_geometry(config["dataset"], m), "transfer": transfer, "code": code,
+            "batch_size": batch, "start_data": dataset_geometry(start_data, m),
+            "data": dataset_geometry(config["dataset"], m), "transfer": transfer, "code": code,
         }
         record["key"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         checks.append(record)
@@ -324,7 +326,14 @@ def model_checks(config: dict, source: str) -> list[dict]:
 def run_model_checks(checks: list[dict]) -> None:
     """The torch part of ``check_models_and_sites``: each model built on the meta device, once."""
     from noisynn.inject import check_site
-    from noisynn.models import _classifier_keys, check_forward, check_model_fits_data, meta_model, refuse_unfit_weights
+    from noisynn.models import (
+        _classifier_keys,
+        check_forward,
+        check_model_fits_data,
+        data_kwargs,
+        meta_model,
+        refuse_unfit_weights,
+    )
     from noisynn.noise import NoiseSpec
 
     for c in checks:
@@ -361,9 +370,7 @@ def run_model_checks(checks: list[dict]) -> None:
         data = c["data"]
         if c["transfer"]:
             # the fine-tuning adapts the model to the dataset (noisynn.models.adapt_to_data)
-            kwargs = {**(model_cfg.get("kwargs") or {}), "num_classes": data["num_classes"], "in_chans": data["in_chans"]}
-            if "img_size" in kwargs or hasattr(model, "patch_embed"):
-                kwargs["img_size"] = data["image_size"]
+            kwargs = data_kwargs(model_cfg, model, data["num_classes"], data["in_chans"], data["image_size"])
             model = meta_model({**model_cfg, "kwargs": kwargs}, data["num_classes"], data["in_chans"])
         from noisynn.models import check_noises_act
 

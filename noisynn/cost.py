@@ -135,7 +135,7 @@ def read_throughput(path: Path) -> dict[tuple[str, int], float]:
     return out
 
 
-def test_labels(config: dict, data: Path | None, images: int | None, classes: int | None) -> np.ndarray:
+def split_labels(config: dict, data: Path | None, images: int | None, classes: int | None) -> np.ndarray:
     """The labels of the test split: from a prepared dataset folder, or ``images`` spread evenly
     over ``classes`` (ImageNet's val set: 50,000 over 1,000, 50 each)."""
     if data is not None:
@@ -152,12 +152,6 @@ def test_labels(config: dict, data: Path | None, images: int | None, classes: in
         raise UserError(f"cost --images and --classes must be positive, with at most one class per image; got "
                         f"{images} images and {classes} classes.")
     return np.sort(np.arange(images) % classes)
-
-
-def _image_size(config: dict, m: dict) -> int:
-    if config["dataset"]["kind"] in ("digits", "mnist"):
-        return int(config["dataset"]["image_size"])
-    return int(m.get("image_size") or (m.get("kwargs") or {}).get("img_size") or config["dataset"]["image_size"])
 
 
 # evaluate_group keeps a prefix cache up to this size in RAM and memory-maps a larger one on the
@@ -181,11 +175,11 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     (vit, resnet, …) nearest in FLOPs, scaled by the FLOP ratio, and it says so (``throughput_source``).
     A transfer config's models are counted as the evaluation sees them: rebuilt for its data.
     """
-    from noisynn.models import meta_model
+    from noisynn.config import dataset_geometry
+    from noisynn.models import data_kwargs, meta_model
 
     grid = Grid(config)
     num_classes = len(np.unique(labels))
-    in_chans = 1 if config["dataset"]["kind"] in ("digits", "mnist") else 3
     protocols = tuple(config["evaluate"]["protocols"])
     n = len(labels)
     references: dict[str, list] = {}  # architecture word → (flops, name@size, ips) of its rows
@@ -209,15 +203,14 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
         groups = [g for g in grid.groups if g.model == key]
         if not groups:
             continue
-        size = _image_size(config, m)
+        geometry = dataset_geometry(config["dataset"], m, num_classes)
+        size, in_chans = geometry["image_size"], geometry["in_chans"]
         cfg = {k: m[k] for k in ("timm_name", "kwargs") if m.get(k) is not None}
         model = meta_model(cfg, num_classes, in_chans)
         if config.get("pretrain_dataset") is not None and not m.get("skip_pretrain"):
             # the fine-tuning rebuilds the model for the evaluation's data (models.adapt_to_data)
-            kwargs = {**(cfg.get("kwargs") or {}), "num_classes": num_classes, "in_chans": in_chans}
-            if "img_size" in kwargs or hasattr(model, "patch_embed"):
-                kwargs["img_size"] = size
-            model = meta_model({**cfg, "kwargs": kwargs}, num_classes, in_chans)
+            model = meta_model({**cfg, "kwargs": data_kwargs(cfg, model, num_classes, in_chans, size)},
+                               num_classes, in_chans)
         base = m["timm_name"].split(".")[0]
         prefix = suffix = equivalents = 0.0
         cache_gib = 0.0

@@ -378,6 +378,15 @@ def import_weights(model_cfg: dict, data_dir: Path, out_dir: Path, allow_new_hea
     return weights
 
 
+def data_kwargs(model_cfg: dict, model: nn.Module, num_classes: int, in_chans: int, image_size: int) -> dict:
+    """The kwargs that rebuild ``model`` (built from ``model_cfg``) for a dataset: its classes and
+    channels, and its image size where the model has one (a ViT's patch grid)."""
+    kwargs = {**(model_cfg.get("kwargs") or {}), "num_classes": num_classes, "in_chans": in_chans}
+    if "img_size" in kwargs or hasattr(model, "patch_embed"):
+        kwargs["img_size"] = image_size
+    return kwargs
+
+
 def adapt_to_data(model: nn.Module, meta: dict, num_classes: int, in_chans: int, image_size: int) -> tuple[nn.Module, dict, list[str]]:
     """The model of a checkpoint rebuilt for another dataset (transfer), its weights carried over.
 
@@ -390,11 +399,7 @@ def adapt_to_data(model: nn.Module, meta: dict, num_classes: int, in_chans: int,
     from timm.models import adapt_input_conv
 
     cfg = dict(meta["model"])
-    kwargs = dict(cfg.get("kwargs") or {})
-    kwargs.update(num_classes=num_classes, in_chans=in_chans)
-    if "img_size" in kwargs or hasattr(model, "patch_embed"):
-        kwargs["img_size"] = image_size
-    cfg = {**cfg, "kwargs": kwargs, "pretrained": None}
+    cfg = {**cfg, "kwargs": data_kwargs(cfg, model, num_classes, in_chans, image_size), "pretrained": None}
     new = build_model(cfg, num_classes, in_chans)
     old_state, own = model.state_dict(), new.state_dict()
     head = _classifier_keys(new)

@@ -55,7 +55,7 @@ def _dataset(root: Path, size: int, n: int) -> Path:
 
 
 def _checkpoint(root: Path, timm_name: str, data: Path) -> Path:
-    from noisynn.io import provenance
+    from noisynn.io.provenance import provenance
     from noisynn.models import build_model, save_checkpoint
 
     model = build_model({"timm_name": timm_name}, 1000, 3)

@@ -3,7 +3,7 @@ steps, compare, entropy and sites.
 
 User mistakes exit with status 2 and one sentence on stderr; an interrupted training exits 143
 after saving its resume state. Each verb has its parser function (``_add_<verb>``) and its handler,
-so that the workflow's code digests (noisynn/codedigest.py) see exactly the code a step runs.
+so that the workflow's code digests (noisynn/pipeline/codedigest.py) see exactly the code a step runs.
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare(args) -> int:
     from noisynn import data
-    from noisynn.io import check_output_folder, remove_stale_temp_files
+    from noisynn.io.atomic import remove_stale_temp_files
+    from noisynn.io.guards import check_output_folder
 
     if args.seed < 0:
         raise UserError(f"prepare --seed must be an integer >= 0 (it seeds the split); got {args.seed}.")
@@ -230,7 +231,8 @@ def _train(args) -> int:
 
 
 def _import_weights(args) -> int:
-    from noisynn.io import check_not_an_input, check_output_folder, remove_stale_temp_files
+    from noisynn.io.atomic import remove_stale_temp_files
+    from noisynn.io.guards import check_not_an_input, check_output_folder
     from noisynn.models import check_model_config, import_weights
 
     check_model_config(args.model, "--model", strict=True)
@@ -248,7 +250,8 @@ def _evaluate(args) -> int:
     import numpy as np
 
     from noisynn.evaluate import evaluate_group
-    from noisynn.io import atomic_path, atomic_write_json, check_not_an_input, check_output_file, remove_stale_temp_files
+    from noisynn.io.atomic import atomic_path, atomic_write_json, remove_stale_temp_files
+    from noisynn.io.guards import check_not_an_input, check_output_file
     from noisynn.models import sidecar_path
 
     if args.settings is not None and args.noise is not None:
@@ -311,14 +314,14 @@ def _evaluate(args) -> int:
 
 
 def _aggregate(args) -> int:
-    from noisynn.aggregate import aggregate
+    from noisynn.report.aggregate import aggregate
 
     aggregate(args.evaluations, args.out, args.sweeps_out)
     return 0
 
 
 def _report(args) -> int:
-    from noisynn.summary import make_report
+    from noisynn.report.summary import make_report
 
     make_report(args.evaluations, args.sweeps, args.paper, args.out_dir, args.dataset, only=args.only,
                 stages=args.stages)
@@ -326,7 +329,7 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from noisynn.compare import main as compare_main
+    from noisynn.report.compare import main as compare_main
 
     return compare_main(args.reference, args.new)
 
@@ -360,8 +363,8 @@ def _sites(args) -> int:
 
 
 def _cost(args) -> int:
-    from noisynn.config import load_config
-    from noisynn.cost import estimate, format_table, read_throughput, split_labels
+    from noisynn.pipeline.config import load_config
+    from noisynn.pipeline.cost import estimate, format_table, read_throughput, split_labels
 
     if args.data is not None and (args.images is not None or args.classes is not None):
         raise UserError("cost takes --data (a prepared dataset folder) or --images and --classes, not both.")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from noisynn.errors import UserError
-from noisynn.io import atomic_path, atomic_write_json
+from noisynn.io.atomic import atomic_path, atomic_write_json
 from noisynn.orders import test_batches  # noqa: F401  (re-exported: the test orders live in orders.py)
 from noisynn.vocab import IMAGE_EXTENSIONS, ORDERS, released_metric  # noqa: F401  (re-exported)
 

@@ -30,7 +30,7 @@ from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
 from noisynn.inject import cache_point, forward_prefix, forward_suffix, inject, joined_batches
-from noisynn.io import provenance
+from noisynn.io.provenance import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
 from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, forward_calls, purity_batches, test_batches

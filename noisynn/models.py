@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from noisynn.errors import UserError
-from noisynn.io import atomic_path, atomic_write_json, read_safetensors_header
+from noisynn.io.atomic import atomic_path, atomic_write_json
+from noisynn.io.safetensors_header import read_safetensors_header
 
 CHECKPOINT_FORMAT = "noisynn-checkpoint/1"
 MODEL_KEYS = {"timm_name": (str,), "kwargs": (dict, type(None)), "pretrained": (str, type(None)),
@@ -335,7 +336,7 @@ def import_weights(model_cfg: dict, data_dir: Path, out_dir: Path, allow_new_hea
     are, classifier included; weights whose classifier does not fit are refused.
     """
     from noisynn.data import load_dataset
-    from noisynn.io import provenance
+    from noisynn.io.provenance import provenance
 
     if model_cfg.get("pretrained") in (None, ""):
         raise UserError(f"import-weights needs pretrained weights for model {model_cfg.get('timm_name')} "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from noisynn.io import atomic_path, atomic_write_json
+from noisynn.io.atomic import atomic_path, atomic_write_json
 
 # settings that may change between an interrupted run and its resumption without changing the result
 RESUME_FREE_KEYS = ("out_dir", "data_dir", "num_workers")

@@ -31,19 +31,14 @@ import torch.nn.functional as F
 import yaml
 
 from noisynn import resume
-from noisynn.config import learning_rate, schedule_problem, training_defaults, validate_training_section
 from noisynn.data import load_dataset
 from noisynn.distributed import Distributed
 from noisynn.errors import UserError
 from noisynn.inject import inject, joined_batches
-from noisynn.io import (
-    atomic_write_text,
-    check_not_an_input,
-    check_output_folder,
-    provenance,
-    remove_stale_temp_files,
-    run_lock,
-)
+from noisynn.io.atomic import atomic_write_text, remove_stale_temp_files
+from noisynn.io.guards import check_not_an_input, check_output_folder
+from noisynn.io.locks import run_lock
+from noisynn.io.provenance import provenance
 from noisynn.models import (
     adapt_to_data,
     build_model,
@@ -57,6 +52,7 @@ from noisynn.models import (
 )
 from noisynn.noise import NoiseSpec
 from noisynn.orders import forward_calls
+from noisynn.pipeline.config import learning_rate, schedule_problem, training_defaults, validate_training_section
 from noisynn.vocab import APPLY
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the scheduler sees a failure and retries; the retry resumes

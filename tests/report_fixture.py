@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from noisynn.aggregate import COLUMNS, SWEEP_COLUMNS
-from noisynn.summary import make_report
+from noisynn.report.aggregate import COLUMNS, SWEEP_COLUMNS
+from noisynn.report.summary import make_report
 from noisynn.vocab import PROTOCOL_DEFS, PROTOCOLS, released_metric
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The code each workflow step runs, as a digest (noisynn/codedigest.py).
+"""The code each workflow step runs, as a digest (noisynn/pipeline/codedigest.py).
 
 What a user relies on: a result is only current if the code that made it is. A changed line of
 code changes the digest of exactly the steps that run it; a comment or a docstring changes nothing;
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from noisynn import codedigest
+from noisynn.pipeline import codedigest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,9 @@ def test_the_reporting_code_reruns_the_report_only(package):
     before = codedigest.all_digests()
     report = next(m for m in sorted(codedigest.step_code("report")) if m.startswith("noisynn.")
                   and m not in codedigest.step_code("evaluate") and m not in codedigest.step_code("aggregate"))
-    path = package / (report.split(".", 1)[1] + ".py")
+    rel = report.split(".")[1:]
+    path = package.joinpath(*rel).with_suffix(".py")
+    path = path if path.is_file() else package.joinpath(*rel, "__init__.py")
     path.write_text(path.read_text() + "\n_UNUSED = 1\n")
     codedigest.clear_cache()
     assert _changed(before, codedigest.all_digests()) == {"report"}

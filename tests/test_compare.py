@@ -1,4 +1,4 @@
-"""noisynn.compare: a regeneration agrees when each new value lies in the reference's interval."""
+"""noisynn.report.compare: a regeneration agrees when each new value lies in the reference's interval."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from noisynn import compare
 from noisynn.errors import UserError
+from noisynn.report import compare
 
 ROWS = [
     # model, noise, apply, site, protocol, metric, value, ci_low, ci_high, n_seeds, n_units

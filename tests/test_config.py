@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from noisynn.config import load_config, validate_config
 from noisynn.errors import UserError
+from noisynn.pipeline.config import load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noisynn.config import load_config
-from noisynn.cost import estimate, forward_images, measure_split, read_throughput
 from noisynn.evaluate import evaluate_group
 from noisynn.models import meta_model
+from noisynn.pipeline.config import load_config
+from noisynn.pipeline.cost import estimate, forward_images, measure_split, read_throughput
 from noisynn.vocab import PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_a_transfer_config_counts_the_model_the_evaluation_sees():
 def test_the_estimate_knows_where_the_evaluation_keeps_its_cache_in_ram():
     import inspect
 
-    from noisynn.cost import RAM_CACHE_BYTES
+    from noisynn.pipeline.cost import RAM_CACHE_BYTES
 
     assert inspect.signature(evaluate_group).parameters["max_cache_bytes"].default == RAM_CACHE_BYTES
 

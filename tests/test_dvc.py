@@ -66,10 +66,10 @@ def test_stage_names_the_model_folders_of_the_config_it_runs():
 
 def test_stage_depends_on_code_workflow_and_the_config_it_runs():
     stage = dvc_stage()
-    # the code enters as its per-step digests (noisynn/codedigest.py), which the code stage writes from noisynn/
+    # the code enters as its per-step digests (noisynn/pipeline/codedigest.py), which the code stage writes from noisynn/
     assert set(stage["deps"]) >= {"Snakefile", "workflow", "results/code-digest.json", "config/paper_results.csv"}
     code = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["code"]
-    assert code["deps"] == ["noisynn"] and "noisynn.codedigest --out results/code-digest.json" in code["cmd"]
+    assert code["deps"] == ["noisynn"] and "noisynn.pipeline.codedigest --out results/code-digest.json" in code["cmd"]
     assert {"config/config.yaml": None} in stage["params"], "the params are the whole config Snakemake reads"
     assert yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"] == ["config/config.yaml:dataset"]
 

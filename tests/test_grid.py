@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from noisynn.config import load_config, validate_config
-from noisynn.grid import Grid
+from noisynn.pipeline.config import load_config, validate_config
+from noisynn.pipeline.grid import Grid
 from noisynn.vocab import RELEASED_NOISE, noise_token
 
 REPO = Path(__file__).resolve().parents[1]

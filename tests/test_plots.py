@@ -1,4 +1,4 @@
-"""Tests of noisynn/plots.py: the figures exist, carry no timestamps, and show what their data hold."""
+"""Tests of noisynn/report/plots.py: the figures exist, carry no timestamps, and show what their data hold."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import report_fixture as fx
 
-from noisynn.plots import FIGURES, batch_size_figure, headline_figure, purity_figure
-from noisynn.results import NO_DATA, Results, load_evaluations, load_sweeps
-from noisynn.tables import delta_s_star
+from noisynn.report.plots import FIGURES, batch_size_figure, headline_figure, purity_figure
+from noisynn.report.results import NO_DATA, Results, load_evaluations, load_sweeps
+from noisynn.report.tables import delta_s_star
 from noisynn.vocab import PROTOCOLS
 
 

@@ -1,4 +1,4 @@
-"""Tests of noisynn/results.py on synthetic evaluations whose effects are known (tests/report_fixture.py)."""
+"""Tests of noisynn/report/results.py on synthetic evaluations whose effects are known (tests/report_fixture.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import report_fixture as fx
 from conftest import assert_user_error
 
-from noisynn.results import Results, load_evaluations, load_sweeps, site_key
+from noisynn.report.results import Results, load_evaluations, load_sweeps, site_key
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Intervals, verdicts and controls of noisynn.stats on data whose answer is known by construction."""
+"""Intervals, verdicts and controls of noisynn.report.stats on data whose answer is known by construction."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from noisynn import stats
 from noisynn.errors import UserError
+from noisynn.report import stats
 
 N, BATCH = 400, 10
 

@@ -1,4 +1,4 @@
-"""Tests of noisynn/summary.py: SUMMARY.md, metrics.json and make_report, on known synthetic effects."""
+"""Tests of noisynn/report/summary.py: SUMMARY.md, metrics.json and make_report, on known synthetic effects."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import report_fixture as fx
 from conftest import assert_user_error
 
-from noisynn.plots import FIGURES
-from noisynn.results import NO_DATA
-from noisynn.stats import VERDICT_RULE
-from noisynn.summary import GROUPS, TABLE_NAMES, declared_files, make_report
+from noisynn.report.plots import FIGURES
+from noisynn.report.results import NO_DATA
+from noisynn.report.stats import VERDICT_RULE
+from noisynn.report.summary import GROUPS, TABLE_NAMES, declared_files, make_report
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_summary_says_which_data_each_stage_used(run, tmp_path):
 
 
 def test_the_report_modules_need_neither_torch_nor_the_evaluation_code():
-    code = ("import sys, noisynn.summary, noisynn.results, noisynn.tables, noisynn.plots; "
+    code = ("import sys, noisynn.report.summary, noisynn.report.results, noisynn.report.tables, noisynn.report.plots; "
             "print(sorted(m for m in ('torch', 'noisynn.evaluate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=fx.REPO)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Tests of noisynn/tables.py: the tables a reader and `noisynn compare` read, on known synthetic effects."""
+"""Tests of noisynn/report/tables.py: the tables a reader and `noisynn compare` read, on known synthetic effects."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import report_fixture as fx
 
-from noisynn import compare
-from noisynn.results import NO_DATA
-from noisynn.summary import make_report
-from noisynn.tables import CHANGES_COLUMNS, NOT_RUN, to_booktabs
+from noisynn.report import compare
+from noisynn.report.results import NO_DATA
+from noisynn.report.summary import make_report
+from noisynn.report.tables import CHANGES_COLUMNS, NOT_RUN, to_booktabs
 from noisynn.vocab import PROTOCOLS
 
 

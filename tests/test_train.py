@@ -277,7 +277,7 @@ def test_the_recorded_commit_is_dirty_for_changed_code_not_for_rewritten_results
     the provenance must still name the clean commit then, and say -dirty when code or config differ."""
     import subprocess
 
-    from noisynn.io import git_commit
+    from noisynn.io.provenance import git_commit
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)

@@ -30,8 +30,8 @@ import yaml
 from conftest import RESNET_MODEL, cli_env, write_image_folder
 
 from noisynn.cli import main
-from noisynn.config import check_models_and_sites, validate_config
 from noisynn.errors import UserError
+from noisynn.pipeline.config import check_models_and_sites, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_EPOCH = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 0}

@@ -204,7 +204,7 @@ def test_tiny_workflow_end_to_end_then_noop_then_code_changes_then_incremental(r
     assert _dry_counts(repo_copy) == {}
     restore()
     # ... the reporting code reruns the report only ...
-    restore = _edited(repo_copy / "noisynn/aggregate.py", 'rows.append(row)', 'rows.append(dict(row))')
+    restore = _edited(repo_copy / "noisynn/report/aggregate.py", 'rows.append(row)', 'rows.append(dict(row))')
     assert _dry_counts(repo_copy) == {"aggregate": 1, **REPORT, "default": 1}
     restore()
     # ... and the noise code reruns every evaluation and the trainings whose noise trains, not the

@@ -7,10 +7,14 @@ from pathlib import Path
 REPO = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(REPO))
 
-from noisynn.codedigest import step_digest
-from noisynn.config import check_models_and_sites, job_environment, validate_config
 from noisynn.errors import UserError
-from noisynn.grid import Grid
+from noisynn.pipeline.codedigest import step_digest
+from noisynn.pipeline.config import (
+    check_models_and_sites,
+    job_environment,
+    validate_config,
+)
+from noisynn.pipeline.grid import Grid
 from noisynn.vocab import (
     FINETUNE_PATH,
     GROUP_PATH,
@@ -54,7 +58,7 @@ wildcard_constraints:
 
 
 def pattern(template, name=None):
-    """A path template of noisynn.vocab / noisynn.grid as a Snakemake pattern: the dataset filled
+    """A path template of noisynn.vocab / noisynn.pipeline.grid as a Snakemake pattern: the dataset filled
     in, every other field a wildcard (one spelling of each path, shared with the grid).
     """
     fields = [

@@ -1,5 +1,5 @@
 # One job per (checkpoint, site, seed): every setting of the group shares one pass of the test
-# images up to the site (noisynn/grid.py). Adding a setting to a group reruns that group only.
+# images up to the site (noisynn/pipeline/grid.py). Adding a setting to a group reruns that group only.
 rule evaluate:
     input:
         data=rules.prepare_data.output.data,

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from noisynn.errors import UserError
-from noisynn.io import atomic_path
+from noisynn.io.atomic import atomic_path
 from noisynn.vocab import noise_strength
 
 METRICS = ("top1", "top5", "released_metric_top1")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from noisynn import results, tables
 from noisynn.errors import UserError
-from noisynn.io import atomic_write_json, atomic_write_text
-from noisynn.plots import FIGURES, write_figure
-from noisynn.results import NO_DATA, Results, Setting, load_evaluations, load_sweeps, read_table
-from noisynn.stats import VERDICT_RULE
+from noisynn.io.atomic import atomic_write_json, atomic_write_text
+from noisynn.report import results, tables
+from noisynn.report.plots import FIGURES, write_figure
+from noisynn.report.results import NO_DATA, Results, Setting, load_evaluations, load_sweeps, read_table
+from noisynn.report.stats import VERDICT_RULE
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, LINEAR_NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
 
 TABLE_NAMES = (*tables.TABLES, "paper_vs_ours")

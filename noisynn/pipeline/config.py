@@ -28,7 +28,7 @@ import yaml
 from noisynn.errors import UserError
 from noisynn.vocab import IMAGE_EXTENSIONS
 
-SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def _key_path(error) -> str:
@@ -216,7 +216,7 @@ def _check_grid(config: dict, source: str) -> None:
         if pre not in (None, "hub") and not Path(pre).is_file():
             raise UserError(f"{source}: key models.{name}.pretrained: file {pre} does not exist (expected null, 'hub' or a .safetensors path).")
         if pre not in (None, "hub"):
-            from noisynn.io import read_safetensors_header
+            from noisynn.io.safetensors_header import read_safetensors_header
 
             if Path(pre).suffix != ".safetensors":
                 raise UserError(f"{source}: key models.{name}.pretrained: file {pre} is not a .safetensors file "
@@ -269,10 +269,12 @@ def _code_digest() -> str:
     """The code and versions the model check depends on: a change of any of them checks again."""
     from importlib import metadata
 
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for name in ("config.py", "models.py", "inject.py", "noise.py", "io.py"):
-        digest.update((here / name).read_bytes())
+    files = [package / "pipeline" / "config.py", *(package / name for name in ("models.py", "inject.py", "noise.py")),
+             *sorted((package / "io").glob("*.py"))]
+    for path in files:
+        digest.update(path.read_bytes())
     for dist in ("torch", "timm"):
         try:
             digest.update(metadata.version(dist).encode())
@@ -283,7 +285,7 @@ def _code_digest() -> str:
 
 def model_checks(config: dict, source: str) -> list[dict]:
     """What ``check_models_and_sites`` checks of each model, as JSON-ready records with a cache key."""
-    from noisynn.grid import Grid
+    from noisynn.pipeline.grid import Grid
 
     code = _code_digest()
     checks = []
@@ -353,7 +355,7 @@ def run_model_checks(checks: list[dict]) -> None:
             except UserError as e:
                 raise UserError(f"{c['source']}: key {key}: {e}") from None
         if c["pretrained"]:
-            from noisynn.io import read_safetensors_header
+            from noisynn.io.safetensors_header import read_safetensors_header
 
             header = read_safetensors_header(Path(c["pretrained"]), "pretrained weights file")
             shapes = {k: shape for k, (_, shape) in header.items()}
@@ -417,9 +419,9 @@ def check_models_and_sites(config: dict, source: str, cache_file: Path | None = 
     if not todo:
         return
     if isolate:
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        out = subprocess.run([sys.executable, "-c", "from noisynn.config import _model_checks_main; _model_checks_main()"],
+        out = subprocess.run([sys.executable, "-c", "from noisynn.pipeline.config import _model_checks_main; _model_checks_main()"],
                              input=json.dumps(todo), capture_output=True, text=True, env=env)
         lines = out.stdout.strip().splitlines()
         try:
@@ -436,7 +438,7 @@ def check_models_and_sites(config: dict, source: str, cache_file: Path | None = 
         run_model_checks(todo)
     if cache_file:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        from noisynn.io import atomic_write_text
+        from noisynn.io.atomic import atomic_write_text
 
         # the newest first, and a bounded list: a config edited many times does not grow it for ever
         keys = list(dict.fromkeys([c["key"] for c in checks] + [k for k in done if isinstance(k, str)]))[:256]

@@ -21,9 +21,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from noisynn import stats
-from noisynn.aggregate import COLUMNS, KEY, SWEEP_COLUMNS
 from noisynn.errors import UserError
+from noisynn.report import stats
+from noisynn.report.aggregate import COLUMNS, KEY, SWEEP_COLUMNS
 from noisynn.vocab import LINEAR_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
 
 CONFIDENCE = 0.95

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from noisynn.compare import CELLS_COLUMNS
-from noisynn.io import atomic_path, atomic_write_text
+from noisynn.io.atomic import atomic_path, atomic_write_text
 from noisynn.orders import SWEEP_ORDERS
-from noisynn.results import NO_DATA, Results, Setting
+from noisynn.report.compare import CELLS_COLUMNS
+from noisynn.report.results import NO_DATA, Results, Setting
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS
 
 NOT_RUN = "not run at this scale"

@@ -1,6 +1,6 @@
 """What the evaluations of a config cost before they run: forward passes, and hours at a throughput.
 
-An evaluation group (noisynn/grid.py) runs one pass of its test images up to the site's cache point
+An evaluation group (noisynn/pipeline/grid.py) runs one pass of its test images up to the site's cache point
 (the prefix, cached), then, for every setting and protocol and for the sweeps of the released
 recipe, the network from the cache point on (the suffix). ``forward_images`` counts the images of
 each kind exactly as ``evaluate.evaluate_group`` runs them (a test holds the two equal), and
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from noisynn.errors import UserError
-from noisynn.grid import Grid
 from noisynn.noise import NoiseSpec
 from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, purity_batches
+from noisynn.pipeline.grid import Grid
 from noisynn.vocab import PROTOCOL_DEFS
 
 
@@ -175,8 +175,8 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     (vit, resnet, …) nearest in FLOPs, scaled by the FLOP ratio, and it says so (``throughput_source``).
     A transfer config's models are counted as the evaluation sees them: rebuilt for its data.
     """
-    from noisynn.config import dataset_geometry
     from noisynn.models import data_kwargs, meta_model
+    from noisynn.pipeline.config import dataset_geometry
 
     grid = Grid(config)
     num_classes = len(np.unique(labels))

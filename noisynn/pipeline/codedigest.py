@@ -11,7 +11,7 @@ A training without noise never runs the noise operators, so its digest leaves th
 in ``noise.py`` or ``inject.py`` reruns the evaluations and the trainings whose noise trains, but
 not the vanilla ones.
 
-``python -m noisynn.codedigest --out FILE`` writes every step's digest; the DVC stage of the
+``python -m noisynn.pipeline.codedigest --out FILE`` writes every step's digest; the DVC stage of the
 workflow depends on that file, so ``dvc.lock`` records the code that Snakemake ran.
 """
 
@@ -24,7 +24,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]
 
 _CLI_COMMON = ("main", "build_parser", "_Parser", "_json_arg", "_run")
 # step → (functions of noisynn/cli.py it runs, modules it runs beyond what those import)
@@ -151,12 +151,12 @@ def all_digests() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m noisynn.codedigest", description="digest of each step's code")
+    parser = argparse.ArgumentParser(prog="python -m noisynn.pipeline.codedigest", description="digest of each step's code")
     parser.add_argument("--out", type=Path, help="write the digests as JSON here (default: print them)")
     args = parser.parse_args(argv)
     text = json.dumps(all_digests(), indent=1, sort_keys=True) + "\n"
     if args.out:
-        from noisynn.io import atomic_write_text
+        from noisynn.io.atomic import atomic_write_text
 
         if not args.out.is_file() or args.out.read_text() != text:  # unchanged code, untouched file
             atomic_write_text(args.out, text)

@@ -27,6 +27,11 @@ LINEAR_KINDS = ("optimal", "shift")
 AXES = ("batch", "rows", "features")
 NOISE_KINDS = ("none", "gaussian", "impulse", "linear-optimal", "linear-shift")
 NEIGHBOURS = ("previous", "next")
+# the gradient a linear noise passes back: False, through (I + Q)ᵀ as the algebra says (eq. 17 and
+# the released ViT's OptimalQ); True, the identity (the noise term detached: the released CNN code,
+# e.g. NoisyCNN_CircularShiftQ/CNNs.py lines 57-62); "partner", the own term only, (1 + Q_ii)·g, the
+# partner's term detached (the released ResNet-18 at stage 4 after its first sub-block, lines 560-575)
+DETACH = (False, True, "partner")
 LAYOUTS = ("tokens", "nchw", "nhwc", "features")
 # what an injection site may report (Injection.layout): the operator layouts, Swin's attention
 # windows (tokens of all windows of all images, no prefix) and unknown (only the batch axis is known)
@@ -106,13 +111,35 @@ def _mix_along(x: torch.Tensor, dim: int, kind: str, alpha: float, neighbour: st
     return (1.0 - alpha) * x + alpha * torch.roll(x, shifts=1 if neighbour == "previous" else -1, dims=dim)
 
 
-def straight_through(x: torch.Tensor, noised: torch.Tensor) -> torch.Tensor:
-    """``noised`` in the forward pass, the identity in the backward pass.
+def straight_through(x: torch.Tensor, noised: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """``noised`` in the forward pass, ``weight`` times the identity in the backward pass.
 
-    The value is x + (f(x) - x).detach() with f(x) = ``noised``, written as
-    f(x).detach() + (x - x.detach()) so that the forward value is bit-identical to f(x).
+    The value is f(x).detach() + weight·(x - x.detach()) with f(x) = ``noised``: the added term is
+    exactly 0, so the forward value is bit-identical to f(x); its gradient is weight·g.
     """
-    return noised.detach() + (x - x.detach())
+    return noised.detach() + weight * (x - x.detach())
+
+
+def own_weight(kind: str, k: int, alpha: float) -> float:
+    """(I + Q)_ii, what an element keeps of itself: 1 - alpha for the shift, 2/(k+1) for the optimal Q."""
+    return 1.0 - alpha if kind == "shift" else 2.0 / (k + 1)
+
+
+def _check_detach(detach) -> None:
+    if not any(detach is d or (isinstance(d, str) and detach == d) for d in DETACH):
+        raise UserError(f"noise detach must be false, true or partner (the gradient: through, identity, or the "
+                        f"own term only); got {detach!r}.")
+
+
+def _with_gradient(x: torch.Tensor, noised: torch.Tensor, kind: str, axis: str, alpha: float, detach, layout: str):
+    """``noised`` with the backward pass ``detach`` names (see ``DETACH``)."""
+    if detach is False:
+        return noised
+    if detach is True:
+        return straight_through(x, noised)
+    k = mixed_axis_size(NoiseSpec("linear-" + kind, axis=axis, alpha=alpha, skip_prefix_tokens=False), tuple(x.shape),
+                        layout=layout)
+    return straight_through(x, noised, own_weight(kind, k, alpha))
 
 
 def linear_transform(
@@ -122,7 +149,7 @@ def linear_transform(
     alpha: float = 0.3,
     num_prefix_tokens: int = 0,
     neighbour: str = "previous",
-    detach: bool = False,
+    detach: bool | str = False,
     layout: str | None = None,
 ) -> torch.Tensor:
     """Linear-transform noise X' = X + QX = (I + Q)X along one axis.
@@ -135,8 +162,10 @@ def linear_transform(
 
     ``neighbour`` picks the sample the shift takes alpha from: ``'previous'`` (paper eq. 17,
     x'_i = (1 - alpha)·x_i + alpha·x_(i-1 mod k)) or ``'next'`` (the released NoisyCNN code,
-    x_(i+1 mod k)); the optimal Q ignores it. ``detach=True`` keeps the forward value and makes the
-    backward pass the identity, x' = x + (f(x) - x).detach(), as the released NoisyCNN code does.
+    x_(i+1 mod k)); the optimal Q ignores it. ``detach`` keeps the forward value and sets the backward
+    pass: ``False`` through (I + Q)ᵀ; ``True`` the identity, x' = x + (f(x) - x).detach(), as the
+    released NoisyCNN code mostly does; ``'partner'`` the own term only, (1 + Q_ii)·g ((1 - alpha)·g for
+    the shift), as the released ResNet-18 does after the first sub-block of stage 4.
     ``layout`` (``tokens``, ``nchw``, ``nhwc``, ``features``) says which dimension is which; without
     it the rank decides (2: features, 3: tokens, 4: nchw).
     """
@@ -146,6 +175,7 @@ def linear_transform(
         raise UserError(f"axis must be one of {', '.join(AXES)}; got {axis!r}.")
     _check_alpha(alpha)
     _check_neighbour(neighbour)
+    _check_detach(detach)
     _check_rank(x, (2, 3, 4), "linear_transform")
     layout = _check_layout(layout, x.dim()) or _RANK_LAYOUT[x.dim()]
     if num_prefix_tokens < 0:
@@ -153,10 +183,10 @@ def linear_transform(
 
     if layout == "tokens" and num_prefix_tokens:
         prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-        out = torch.cat([prefix, _linear_on_layout(tokens, kind, axis, alpha, neighbour, layout)], dim=1)
-    else:
-        out = _linear_on_layout(x, kind, axis, alpha, neighbour, layout)
-    return straight_through(x, out) if detach else out
+        mixed = _linear_on_layout(tokens, kind, axis, alpha, neighbour, layout)
+        return torch.cat([prefix, _with_gradient(tokens, mixed, kind, axis, alpha, detach, layout)], dim=1)
+    out = _linear_on_layout(x, kind, axis, alpha, neighbour, layout)
+    return _with_gradient(x, out, kind, axis, alpha, detach, layout)
 
 
 def _linear_on_layout(x: torch.Tensor, kind: str, axis: str, alpha: float, neighbour: str, layout: str) -> torch.Tensor:
@@ -209,13 +239,15 @@ def impulse(
 ) -> torch.Tensor:
     """Salt-and-pepper noise: with u ~ U(0,1) per element, max(X) where u < p/2, min(X) where u > 1 - p/2.
 
-    max/min are taken over the whole tensor (the whole batch), as the released code does.
+    max/min are taken over the whole tensor (the whole batch), as the released code does, and are
+    constants of the backward pass as there (``.detach()``: NoisyViT-OptimalQ/ViT.py lines 55-56,
+    NoisyCNN_CircularShiftQ/CNNs.py lines 25-26): a salted or peppered element passes no gradient.
     """
     _check_probability(p)
     _check_rank(x, (2, 3, 4), "impulse")
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     body = x[:, num_prefix_tokens:] if (x.dim() == 3 and num_prefix_tokens) else x
-    hi, lo = body.max(), body.min()
+    hi, lo = body.max().detach(), body.min().detach()
     out = torch.where(u < p / 2, hi, torch.where(u > 1 - p / 2, lo, x))
     if x.dim() == 3 and num_prefix_tokens:
         out[:, :num_prefix_tokens] = x[:, :num_prefix_tokens]
@@ -230,9 +262,10 @@ class NoiseSpec:
     is alpha for the shift and fixed for the optimal Q).
 
     ``neighbour`` (``previous``: paper eq. 17; ``next``: the released NoisyCNN code) is the sample
-    the shift takes alpha from; the other kinds ignore it. ``detach=True`` makes the backward pass
-    see the identity (x' = x + (f(x) - x).detach(), the released NoisyCNN code); the forward value
-    is unchanged.
+    the shift takes alpha from; the other kinds ignore it. ``detach`` sets the backward pass of a
+    linear kind (``DETACH``: false through, true the identity as the released NoisyCNN code,
+    ``partner`` the own term only as its ResNet-18 at stage 4); the forward value is unchanged.
+    ``detach: true`` also makes gaussian and impulse the identity in the backward pass.
     """
 
     kind: str = "none"
@@ -243,7 +276,7 @@ class NoiseSpec:
     axis: str = "batch"
     skip_prefix_tokens: bool = True
     neighbour: str = "previous"
-    detach: bool = False
+    detach: bool | str = False
 
     def __post_init__(self):
         for name in ("strength", "mean", "std", "alpha"):
@@ -257,8 +290,10 @@ class NoiseSpec:
                 f"noise neighbour must be one of {', '.join(NEIGHBOURS)} (the sample the shift takes alpha from); "
                 f"got {self.neighbour!r}."
             )
-        if not isinstance(self.detach, bool):
-            raise UserError(f"noise detach must be true or false; got {self.detach!r}.")
+        _check_detach(self.detach)
+        if self.detach == "partner" and not self.kind.startswith("linear"):
+            raise UserError(f"noise detach: partner (the partner's term without gradient) applies to the linear "
+                            f"kinds; got kind {self.kind}.")
         if self.kind.startswith("linear") and self.axis not in AXES:
             raise UserError(f"noise axis must be one of {', '.join(AXES)}; got {self.axis!r}.")
         if self.kind == "linear-shift":
@@ -297,8 +332,8 @@ def apply_noise(
 ) -> torch.Tensor:
     """Apply the noise ``spec`` describes to ``x`` (``layout`` as for ``linear_transform``).
 
-    Prefix tokens are skipped only in the ``tokens`` layout. With ``spec.detach`` the backward pass
-    sees the identity whatever the kind (for the additive gaussian that is already the case).
+    Prefix tokens are skipped only in the ``tokens`` layout. With ``spec.detach`` true the backward
+    pass sees the identity whatever the kind (for the additive gaussian that is already the case).
     """
     _check_layout(layout)
     prefix = num_prefix_tokens if spec.skip_prefix_tokens else 0
@@ -311,7 +346,7 @@ def apply_noise(
             out = gaussian(x, spec.strength, spec.mean, spec.std, generator, prefix)
         else:
             out = impulse(x, spec.strength, generator, prefix)
-        return straight_through(x, out) if spec.detach else out
+        return straight_through(x, out) if spec.detach is True else out
     kind = "optimal" if spec.kind == "linear-optimal" else "shift"
     return linear_transform(x, kind, spec.axis, spec.alpha, prefix, spec.neighbour, spec.detach, layout)
 

@@ -79,7 +79,8 @@ def noise_token(noise: dict) -> str:
     """A readable, unique path token for a noise setting (``gaussian_s0.5``, ``linear-shift_a0.3_batch``).
 
     The released CNN variant of the shift (partner x_(i+1), noise term detached) adds ``_next`` and
-    ``_detach``; the defaults (eq. 17: x_(i-1), gradient through) add nothing, so older paths stay.
+    ``_detach`` (``_detach-partner`` when only the partner's term is detached); the defaults (eq. 17:
+    x_(i-1), gradient through) add nothing, so older paths stay.
     """
     kind = noise["kind"]
     if kind == "none":
@@ -89,7 +90,9 @@ def noise_token(noise: dict) -> str:
         return f"gaussian_s{noise['strength']:g}{extra}"
     if kind == "impulse":
         return f"impulse_p{noise['strength']:g}"
-    variant = ("_next" if noise.get("neighbour", "previous") == "next" else "") + ("_detach" if noise.get("detach") else "")
+    detach = noise.get("detach", False)
+    variant = (("_next" if noise.get("neighbour", "previous") == "next" else "")
+               + ("_detach-partner" if detach == "partner" else "_detach" if detach is True else ""))
     if kind == "linear-shift":
         return f"linear-shift_a{noise['alpha']:g}_{noise['axis']}{variant}"
     return f"linear-optimal_{noise['axis']}{variant}"

@@ -800,3 +800,38 @@ def test_all_sites_of_a_meta_model_are_traced_without_compute_and_without_noise(
     model.train()
     all_sites(model)
     assert model.training and all(m.training for m in model.modules())
+
+
+# --- the released ResNet-18 gradient at stage 4 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("site, detach", [("layer4.0", False), ("layer4.1", "partner")])
+def test_released_resnet18_shift_gradient_at_the_first_and_a_later_sub_block(site, detach):
+    """The released ResNet-18 mixes the next sample into sub-block ``--sub_noisy_layer`` of stage 4 as
+    ``x + alpha·(x_copy - x)`` (NoisyCNN_CircularShiftQ/CNNs.py line 565, github.com/Shawey94/NoisyNN
+    @719ccf6). Before the first sub-block ``x_copy`` is the shifted ``x.clone()`` (line 560), in the
+    graph: the gradient is the whole (I + Q)ᵀ g, g_i·(1 - alpha) + g_(i-1)·alpha (``detach: false``).
+    Before a later sub-block it is the shifted ``x.detach()`` of the previous sub-block's output (line
+    575), and only ``x`` keeps its gradient: (1 - alpha)·g (``detach: partner``). Checked on the input
+    of the sub-block, against g, the gradient at the noised tensor the sub-block receives."""
+    alpha = 0.3
+    model = timm.create_model("resnet18", num_classes=3).eval()
+    block = model.get_submodule(site)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):
+            args[0].retain_grad()
+            seen[name] = args[0]
+        return hook
+
+    before = block.register_forward_pre_hook(keep("input"))  # hooks run in the order they are registered
+    handle = inject(model, site, NoiseSpec("linear-shift", alpha=alpha, neighbour="next", detach=detach))
+    after = block.register_forward_pre_hook(keep("noised"))
+    model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))).logsumexp(-1).sum().backward()
+    for h in (before, handle, after):
+        h.remove()
+    g = seen["noised"].grad
+    expected = (1 - alpha) * g + (alpha * torch.roll(g, 1, dims=0) if detach is False else 0)
+    torch.testing.assert_close(seen["input"].grad, expected)
+    assert not torch.allclose(expected, g)  # neither is the identity that detach: true gives

@@ -542,21 +542,25 @@ def test_next_neighbour_quality_matrix_is_the_transpose_and_matches_the_operator
     [((4, 3), "batch", None, 0, 0), ((3, 2, 4, 2), "rows", None, 2, 0), ((3, 2, 2, 4), "features", "nhwc", 3, 0),
      ((4, 1 + 4, 3), "batch", None, 0, 1)],
 )
-def test_detach_keeps_the_value_and_makes_the_gradient_the_identity(kind, neighbour, shape, axis, layout, dim, prefix):
+def test_detach_keeps_the_value_and_sets_the_gradient(kind, neighbour, shape, axis, layout, dim, prefix):
     x = _randn(*shape, seed=33)
     w = _randn(*shape, seed=34)
     grads = {}
-    for detach in (False, True):
+    for detach in (False, True, "partner"):
         xi = x.clone().requires_grad_(True)
         out = linear_transform(xi, kind, axis, alpha=0.3, num_prefix_tokens=prefix, neighbour=neighbour,
                                detach=detach, layout=layout)
         (w * out).sum().backward()
         grads[detach] = (out.detach(), xi.grad)
     assert torch.equal(grads[True][0], grads[False][0])  # the forward value is bit-identical
+    assert torch.equal(grads["partner"][0], grads[False][0])
     assert torch.equal(grads[True][1], w)  # backward sees the identity
     # without detach the gradient is (I + Q)ᵀ w along the mixed axis (prefix tokens: the identity)
     k = shape[dim]
     m = torch.eye(k, dtype=torch.float64) + quality_matrix(kind, k, 0.3, neighbour=neighbour)
+    # partner: only the element's own term, (I + Q)_ii · w: 1 - alpha for the shift, 2/(k+1) for Q*
+    own = torch.cat([w[:, :prefix], m[0, 0] * w[:, prefix:]], dim=1) if prefix else m[0, 0] * w
+    torch.testing.assert_close(grads["partner"][1], own, rtol=1e-12, atol=1e-12)
     if prefix:
         expected = torch.cat([w[:, :prefix], _apply_matrix(m.T, w[:, prefix:], dim)], dim=1)
     else:
@@ -604,11 +608,39 @@ def test_unknown_neighbour_is_a_user_error(bad):
     assert_user_error(e, "neighbour", "previous", "next")
 
 
-@pytest.mark.parametrize("bad", ["yes", 1, 0, None])
-def test_non_boolean_detach_is_a_user_error(bad):
+@pytest.mark.parametrize("bad", ["yes", 1, 0, None, "Partner"])
+def test_unknown_detach_is_a_user_error(bad):
     with pytest.raises(UserError) as e:
         NoiseSpec("linear-optimal", detach=bad)
-    assert_user_error(e, "detach", "true or false", repr(bad))
+    assert_user_error(e, "detach", "false, true or partner", repr(bad))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "impulse"])
+def test_partner_detach_of_an_additive_noise_is_a_user_error(kind):
+    # an additive noise has no partner term: refusing it beats silently meaning something else
+    with pytest.raises(UserError) as e:
+        NoiseSpec(kind, strength=0.1, detach="partner")
+    assert_user_error(e, "detach: partner", "linear", kind)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_impulse_salt_and_pepper_pass_no_gradient_as_released(prefix):
+    """The released code takes the batch's max and min with ``.detach()`` (NoisyViT-OptimalQ/ViT.py
+    lines 55-56: ``salt=(torch.max(x_clone[:,1:,:])).detach()``, ``pepper=...min...detach()``;
+    NoisyCNN_CircularShiftQ/CNNs.py lines 25-26, github.com/Shawey94/NoisyNN @719ccf6): a salted or
+    peppered element is a constant, so the gradient is w where an element is kept and 0 elsewhere;
+    none of it reaches the element that holds the max or the min."""
+    shape, p = (4, 1 + 6, 5), 0.4
+    x = _randn(*shape, seed=51).requires_grad_(True)
+    w = _randn(*shape, seed=52)
+    out = impulse(x, p, _gen(7), num_prefix_tokens=prefix)
+    (w * out).sum().backward()
+    u = torch.rand(shape, generator=_gen(7))  # the operator's draw, replayed
+    kept = (u >= p / 2) & (u <= 1 - p / 2)
+    if prefix:
+        kept[:, :prefix] = True
+    assert (~kept).sum() > 10  # enough salt and pepper for the check to mean something
+    assert torch.equal(x.grad, torch.where(kept, w, torch.zeros_like(w)))
 
 
 # --- layouts ---------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def evaluation_rows(path: Path) -> list[dict]:
                     "alpha": noise["alpha"] if noise["kind"] == "linear-shift" else None,
                     "axis": noise["axis"] if linear else None,
                     "neighbour": noise.get("neighbour", "previous") if noise["kind"] == "linear-shift" else None,
-                    "detach": bool(noise.get("detach", False)) if linear else None,
+                    "detach": noise.get("detach", False) if linear else None,  # false, true or partner
                     "apply": s.get("apply", "eval"),
                     "site": s.get("site", group["site"]),
                     "default_site": bool(s.get("default_site", True)),

@@ -37,7 +37,7 @@ REPORTED = {"running": "released_metric_top1", "plain": "top1"}  # reported_metr
 
 _OPEN_FILES = 32
 _NUMERIC = ("strength", "alpha", "seed", "batch_size", "value", "n", "mixed_axis_size", "theory_delta_S")
-_BOOLEAN = ("noise_applied", "default_site", "detach")
+_BOOLEAN = ("noise_applied", "default_site")
 
 
 def read_table(path: Path, what: str, columns, hint: str, numeric=(), dataset: str | None = None, required=()) -> pd.DataFrame:
@@ -65,6 +65,8 @@ def load_evaluations(path: Path, dataset: str) -> pd.DataFrame:
                    ("seed", "value"))
     for c in _BOOLEAN:
         df[c] = df[c].str.lower().isin(["true", "1"])
+    # the noise's gradient: false, true, or partner (noise.DETACH)
+    df["detach"] = [v if v == "partner" else v.lower() in ("true", "1") for v in df["detach"]]
     dup = df.duplicated(list(KEY))
     if dup.any():
         raise UserError(f"evaluations table {path} has more than one row for {df.loc[dup, list(KEY)].iloc[0].to_dict()}.")
@@ -95,7 +97,7 @@ class Setting:
     alpha: float = math.nan
     axis: str = ""
     neighbour: str = ""
-    detach: bool = False
+    detach: bool | str = False
     default_site: bool = True
 
     @property
@@ -114,7 +116,7 @@ class Setting:
     def family(self) -> str:
         """The line a strength sweep draws: the kind, axis and variant, whatever the strength."""
         return "_".join([self.kind, *([self.axis] if self.axis else []), *(["next"] if self.neighbour == "next" else []),
-                         *(["detach"] if self.detach else [])])
+                         *({True: ["detach"], "partner": ["detach-partner"]}.get(self.detach, []))])
 
     def where(self, **more) -> str:
         """The filter on evaluations.csv that selects this setting's rows."""
@@ -161,7 +163,7 @@ class Results:
         first = df.drop_duplicates(["model", "noise", "apply", "site"])
         fields = ["model", "noise", "apply", "site", "noise_kind", "strength", "alpha", "axis", "neighbour", "detach",
                   "default_site"]
-        self.settings = sorted((Setting(*row[:9], bool(row[9]), bool(row[10]))
+        self.settings = sorted((Setting(*row[:9], row[9], bool(row[10]))
                                 for row in zip(*(first[c].tolist() for c in fields))), key=lambda x: x.key)
         self._by_name = {(s.model, s.noise, s.apply, s.site): s for s in self.settings}
         self.models = sorted(set(df["model"]))

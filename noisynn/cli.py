@@ -308,7 +308,8 @@ def _evaluate(args) -> int:
     for ev in result["evaluations"]:
         print(f"{ev['setting']['noise']} ({ev['setting']['apply']}) at {result['site']}:")
         for name, r in ev["protocols"].items():
-            print(f"  {name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric {r['released_metric_top1']:.4f}")
+            print(f"  {name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric top1 "
+                  f"{r['released_metric_top1']:.4f} top5 {r['released_metric_top5']:.4f}")
     print(f"{result['images_per_second']:.0f} images/s ({result['prefix_cache']} prefix cache, {result['dtype']})")
     return 0
 

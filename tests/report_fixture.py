@@ -193,7 +193,8 @@ def build(root: Path, sweeps: bool = True, predictions: bool = True, models=tupl
                 k = bs if noise_on and axis == "batch" else None
                 counts = np.bincount(batch, weights=correct)
                 metric_values = {"top1": correct.mean(), "top5": min(1.0, correct.mean() + 0.1),
-                                 "released_metric_top1": released_metric(counts, np.bincount(batch))}
+                                 "released_metric_top1": released_metric(counts, np.bincount(batch)),
+                                 "released_metric_top5": min(1.0, released_metric(counts, np.bincount(batch)) + 0.1)}
                 for metric, value in metric_values.items():
                     row = {"dataset": DATASET, "model": model, "timm_name": MODELS[model][0], "noise": noise,
                            "noise_kind": kind, "strength": strength, "alpha": alpha, "axis": axis,
@@ -249,6 +250,7 @@ def _paper(path: Path) -> None:
     paper = pd.read_csv(REPO / "config" / "paper_results.csv", dtype=str, keep_default_na=False)
     extra = []
     for claim, model, metric in (("synthetic_vit", "vit_tiny_patch16_224", "top1_percent"),
+                                 ("synthetic_vit_top5", "vit_tiny_patch16_224", "top5_percent"),
                                  ("synthetic_resnet", "resnet18", "top1_percent"),
                                  ("synthetic_gain", "resnet18", "top1_gain_points")):
         row = {c: "" for c in paper.columns}

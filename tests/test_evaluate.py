@@ -208,3 +208,37 @@ def test_the_released_protocol_follows_the_family_s_batch_size_and_metric(resnet
     assert r["top1"] == pytest.approx(correct.mean(), abs=1e-12)
     assert r["released_metric_top1"] == pytest.approx(_running_accuracy_by_hand(correct, batch), abs=1e-12)
     assert r["mixed_axis_size"] == test_batch_size
+
+
+def test_running_top5_is_the_released_vit_code_s_running_mean_of_top5():
+    """NoisyViT-OptimalQ/Main.py (github.com/Shawey94/NoisyNN @719ccf6) counts, after each test batch,
+    the images whose label is among the five largest logits (line 205: ``outputs.topk(5, dim=1, ...)``,
+    line 208: ``correct_top5 += (top5_pred == labels.view(-1, 1)).sum()``) and feeds the running
+    ``correct_top5 / total`` to an AverageMeter (line 209) whose mean over batches it logs. Checked by
+    hand on fixed logits, and against the plain top-5, which it equals only by chance."""
+    import torch
+
+    from noisynn.evaluate import _score
+    from noisynn.orders import forward_calls
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(8), 4)  # class-sorted: early batches may be luckier than late ones
+    logits = torch.as_tensor(rng.normal(size=(len(labels), 8)), dtype=torch.float32)
+    logits[:8, :] += 3 * torch.nn.functional.one_hot(torch.as_tensor(labels[:8]), 8)  # the first batches are easy
+
+    class Fixed:
+        def logits(self, batches):
+            for chunk in forward_calls(batches, 12):
+                idx = np.concatenate(chunk)
+                yield chunk, idx, logits[idx]
+
+    batches = order_batches(labels, "class_sorted", 5)
+    r = _score(Fixed(), batches, labels)
+    running, right, seen = [], 0, 0
+    for b in batches:
+        five = np.argsort(-logits[b].numpy(), axis=1)[:, :5]
+        right += int((five == labels[b, None]).sum())
+        seen += len(b)
+        running.append(right / seen)
+    assert r["released_metric_top5"] == pytest.approx(np.mean(running), abs=1e-12)
+    assert r["released_metric_top5"] != pytest.approx(r["top5"], abs=1e-3)

@@ -13,7 +13,7 @@ from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path
 from noisynn.vocab import noise_strength
 
-METRICS = ("top1", "top5", "released_metric_top1")
+METRICS = ("top1", "top5", "released_metric_top1", "released_metric_top5")
 COLUMNS = [
     "row_id", "dataset", "model", "timm_name", "noise", "noise_kind", "strength", "alpha", "axis", "neighbour",
     "detach", "apply", "site", "default_site", "seed", "protocol", "order", "batch_size", "noise_applied", "metric",

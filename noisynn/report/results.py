@@ -33,7 +33,8 @@ _BOOTSTRAP = {"confidence": CONFIDENCE, "n_resamples": N_RESAMPLES, "random_stat
 NO_DATA = "no data in this config"
 # a Gaussian draw depends on an image's place in the random stream, not on the other images
 RANDOM_DRAW_KINDS = ("gaussian",)
-REPORTED = {"running": "released_metric_top1", "plain": "top1"}  # reported_metric → the metric it reports
+# reported_metric → the metric it reports, of top-1 or top-5 (the ViT code logs both as running means)
+REPORTED = {"running": "released_metric_top", "plain": "top"}
 
 _OPEN_FILES = 32
 _NUMERIC = ("strength", "alpha", "seed", "batch_size", "value", "n", "mixed_axis_size", "theory_delta_S")
@@ -185,9 +186,9 @@ class Results:
     def vanilla(self, model: str) -> Setting | None:
         return next((s for s in self.settings if s.model == model and s.kind == "none"), None)
 
-    def reported_metric(self, model: str) -> str:
-        """The metric the released code of this model's family reports under ``released``."""
-        return REPORTED.get(self.reported_metrics.get(model, "running"), "released_metric_top1")
+    def reported_metric(self, model: str, top: int = 1) -> str:
+        """The metric the released code of this model's family reports under ``released`` (top-1 or top-5)."""
+        return REPORTED.get(self.reported_metrics.get(model, "running"), "released_metric_top") + str(top)
 
     def at_default_site(self, kinds=None, apply=None) -> list[Setting]:
         """Settings at their model's default site (and the vanilla ones), optionally of some kinds/apply."""

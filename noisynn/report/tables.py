@@ -139,8 +139,8 @@ def paper_lookup(r: Results, row: dict, dataset: str) -> tuple[str, str, int, st
     protocol = "clean" if row["noise"] == "none" else (row["protocol"] if row["protocol"] in PROTOCOLS else "released")
     candidates = [s for s in r.at_default_site(kinds=(row["noise"],)) if r.timm_names.get(s.model) == row["model"]]
     metric = _PAPER_METRICS[row["metric"]]
-    if candidates and protocol == "released" and metric == "top1":
-        metric = r.reported_metric(candidates[0].model)
+    if candidates and protocol == "released":
+        metric = r.reported_metric(candidates[0].model, top=5 if metric == "top5" else 1)
     candidates = [s for s in candidates if r.values(s, protocol, metric)]
     if not candidates:
         return None

@@ -285,12 +285,15 @@ def scan_image_folder(root: Path, on_bad_image: str = "error", verify_images: bo
         raise UserError(f"dataset folder {root} has no class sub-folders (expected the ImageFolder layout root/<class>/<image>).")
     samples, skipped = [], []
     for ci, cls in enumerate(classes):
-        files = sorted(
+        # torchvision's ImageFolder order, which the released loaders read in sequence: the folders of
+        # a class in sorted order, then each folder's files sorted (datasets.folder.make_dataset). A
+        # sort of whole paths differs once a class holds sub-folders (cls/a/x.jpg before cls/b.jpg).
+        files = [
             os.path.join(dp, f)
-            for dp, _, fs in os.walk(root / cls, followlinks=True)
-            for f in fs
+            for dp, _, fs in sorted(os.walk(root / cls, followlinks=True))
+            for f in sorted(fs)
             if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        ]
         if not files:
             raise UserError(f"class folder {root / cls} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)}).")
         for f in files:

@@ -10,6 +10,7 @@ as one sentence naming the file.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +330,29 @@ def test_corrupt_image_met_while_loading_is_named(image_folder, tmp_path):
     data = load_dataset(tmp_path / "prepared", train_augment=False)
     with pytest.raises(UserError, match=r"image .*dog/1\.png cannot be read"):
         list(data.test.batches([np.arange(6)], num_workers=0))
+
+
+def test_released_order_walks_nested_class_folders_as_torchvision_imagefolder(tmp_path):
+    """The released loaders read ``datasets.ImageFolder`` through a SequentialSampler
+    (NoisyViT-OptimalQ/Accdataloader.py lines 92 and 102, NoisyCNN_CircularShiftQ/dataloader.py lines
+    225 and 235, github.com/Shawey94/NoisyNN @719ccf6). torchvision lists a class's folders in sorted
+    order and then each folder's files (``make_dataset``: ``sorted(os.walk(...))``, ``sorted(fnames)``);
+    on a class folder with sub-folders that differs from a sort of whole paths. The `released` order
+    here is the ImageFolder's, image for image."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "nested"
+    layout = ["cat/b.png", "cat/a/x.png", "cat/a-b/y.png", "cat/a/b/w.png", "cat/A/z.png", "cat/c.PNG",
+              "dog/0.png", "dog/sub/1.png", "dog/sub.d/2.png", "dog/z/3.png"]
+    for split in ("train", "val"):
+        for i, rel in enumerate(layout):
+            (root / split / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)).save(root / split / rel)
+    prepare_image_folder(tmp_path / "prepared", root, image_size=8)
+    data = load_dataset(tmp_path / "prepared", {"timm_name": "resnet18"}, train_augment=False, splits=("val",))
+    order = np.concatenate(order_batches(data.test.labels, "class_sorted", 3))
+    ours = [data.test.dataset.samples[i] for i in order]
+    theirs = [(str(Path(p)), t) for p, t in ImageFolder(str(root / "val")).samples]
+    assert ours == theirs
+    assert [p for p, _ in ours] != sorted(p for p, _ in ours)  # the layout tells the two walks apart

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path, atomic_write_json
 from noisynn.orders import test_batches  # noqa: F401  (re-exported: the test orders live in orders.py)
-from noisynn.vocab import IMAGE_EXTENSIONS, ORDERS, released_metric  # noqa: F401  (re-exported)
+from noisynn.vocab import IMAGE_EXTENSIONS, ORDERS, PREPROCESSES, released_metric  # noqa: F401  (re-exported)
 
 EMBEDDED_KINDS = ("digits", "mnist", "arrays")
 # what every manifest holds, and what each kind adds (key → expected type)
@@ -140,6 +141,9 @@ class Dataset:
     image_size: int
     fingerprint: str
     classes: list
+    # how an image folder's test images are fed (``image_transforms``); None for the embedded
+    # datasets, normalized once when prepared
+    test_transform: dict | None = None
 
 
 # --- digits ----------------------------------------------------------------------------------
@@ -533,43 +537,94 @@ def check_image_files(manifest: dict, split: str, full: bool = False) -> None:
                                 "differs); prepare the dataset again.")
 
 
-def _normalization(model_cfg: dict) -> tuple[tuple, tuple, str]:
-    """Mean, std and interpolation the model's timm weights expect (overridable by ``augment``)."""
+# --- preprocessing ---------------------------------------------------------------------------------
+
+# How an image folder's images become tensors (a model's ``preprocess``):
+# ``timm``: what the weights were trained and validated with, timm's pretrained config (interpolation,
+#   crop_pct, mean, std: the transform of timm's validate.py);
+# ``released``: what the released code feeds them (github.com/Shawey94/NoisyNN @719ccf6).
+# The released test transform, the same for both families: a square ``transforms.Resize((res, res))``
+# (torchvision's default interpolation, bilinear), ``ToTensor``, then ImageNet's mean and std
+# (NoisyViT-OptimalQ/Accdataloader.py lines 82-86; NoisyCNN_CircularShiftQ/dataloader.py lines 215-219).
+RELEASED_MEAN = (0.485, 0.456, 0.406)
+RELEASED_STD = (0.229, 0.224, 0.225)
+RELEASED_INTERPOLATION = "bilinear"
+# The released code's two families, by the timm module that defines the model; their training
+# transforms differ: the ViT code adds torchvision's RandAugment (Accdataloader.py lines 73-80), the
+# CNN code does not (dataloader.py lines 209-213); both crop with scale (0.05, 1).
+_RELEASED_FAMILIES = {"timm.models.vision_transformer": "vit", "timm.models.resnet": "resnet"}
+
+
+def released_family(timm_name: str) -> str:
+    """``vit`` or ``resnet``: the released code whose transforms ``preprocess: released`` means."""
     import timm
+
+    module = timm.models.model_entrypoint(timm.models.get_arch_name(timm_name)).__module__
+    if module not in _RELEASED_FAMILIES:
+        raise UserError(f"preprocess: released is the released code's transform for ViTs (timm's vision_transformer) "
+                        f"and ResNets (timm's resnet); model {timm_name} is defined in {module}, so use preprocess: timm.")
+    return _RELEASED_FAMILIES[module]
+
+
+def _normalization(model_cfg: dict) -> tuple[tuple, tuple, str, float]:
+    """Mean, std, interpolation and crop_pct the model's timm weights expect (``augment`` overrides the first three)."""
+    import timm
+    from timm.data import DEFAULT_CROP_PCT
 
     aug = model_cfg.get("augment") or {}
     cfg = timm.models.get_pretrained_cfg(model_cfg.get("timm_name", "")) if model_cfg.get("timm_name") else None
     mean = tuple(aug.get("mean", getattr(cfg, "mean", None) or (0.5, 0.5, 0.5)))
     std = tuple(aug.get("std", getattr(cfg, "std", None) or (0.5, 0.5, 0.5)))
     interpolation = aug.get("interpolation", getattr(cfg, "interpolation", None) or "bicubic")
-    return mean, std, interpolation
+    return mean, std, interpolation, float(getattr(cfg, "crop_pct", None) or DEFAULT_CROP_PCT)
 
 
-def _load_folder_dataset(manifest: dict, model_cfg: dict, train_augment: bool, splits: tuple[str, ...]) -> Dataset:
+def image_transforms(model_cfg: dict, size: int, train_augment: bool = True):
+    """(training transform, test transform, the test transform's record) of ``model_cfg``'s ``preprocess``.
+
+    The record (preprocess, interpolation, resize, crop, mean, std) goes into every evaluation, so
+    that a result says what its images were fed as.
+    """
     from timm.data import create_transform
     from torchvision import transforms
 
+    preprocess = model_cfg.get("preprocess") or "timm"
+    if preprocess not in PREPROCESSES:
+        raise UserError(f"model key preprocess must be one of {', '.join(PREPROCESSES)}; got {preprocess!r}.")
+    if preprocess == "released":
+        if model_cfg.get("augment"):
+            raise UserError("model key augment applies to preprocess: timm; preprocess: released fixes the "
+                            "released code's transforms, so leave augment out.")
+        family = released_family(model_cfg["timm_name"])
+        normalize = [transforms.ToTensor(), transforms.Normalize(RELEASED_MEAN, RELEASED_STD)]
+        test_tf = transforms.Compose([
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode(RELEASED_INTERPOLATION)),
+            *normalize])
+        crop = [transforms.RandomResizedCrop((size, size), scale=(0.05, 1.0))]
+        train_tf = (transforms.Compose([*([transforms.RandAugment()] if family == "vit" else []), *crop, *normalize])
+                    if train_augment else test_tf)
+        record = {"preprocess": preprocess, "interpolation": RELEASED_INTERPOLATION, "resize": [size, size],
+                  "crop": None, "mean": list(RELEASED_MEAN), "std": list(RELEASED_STD)}
+        return train_tf, test_tf, record
+    aug = model_cfg.get("augment") or {}
+    mean, std, interpolation, crop_pct = _normalization(model_cfg)
+    train_tf = create_transform(size, is_training=train_augment, auto_augment=aug.get("auto_augment", "rand-m9-mstd0.5"),
+                                scale=tuple(aug.get("scale", (0.05, 1.0))), interpolation=interpolation, mean=mean,
+                                std=std, crop_pct=crop_pct)
+    # timm's evaluation transform: the shorter side to size / crop_pct, then the centre size × size
+    test_tf = create_transform(size, is_training=False, interpolation=interpolation, mean=mean, std=std,
+                               crop_pct=crop_pct)
+    record = {"preprocess": preprocess, "interpolation": interpolation, "resize": int(math.floor(size / crop_pct)),
+              "crop": [size, size], "mean": list(mean), "std": list(std)}
+    return train_tf, test_tf, record
+
+
+def _load_folder_dataset(manifest: dict, model_cfg: dict, train_augment: bool, splits: tuple[str, ...]) -> Dataset:
     root = Path(manifest["root"])
     class_index = {c: i for i, c in enumerate(manifest["classes"])}
     # the model's input size: its config's image_size, else its img_size kwarg, else the dataset's
     size = int(model_cfg.get("image_size") or (model_cfg.get("kwargs") or {}).get("img_size") or manifest["image_size"])
-    aug = model_cfg.get("augment") or {}
-    mean, std, interpolation = _normalization(model_cfg)
-    train_tf = create_transform(
-        size,
-        is_training=train_augment,
-        auto_augment=aug.get("auto_augment", "rand-m9-mstd0.5"),
-        scale=tuple(aug.get("scale", (0.05, 1.0))),
-        interpolation=interpolation,
-        mean=mean,
-        std=std,
-    )
-    # the released test transform: a plain square resize, no crop
-    test_tf = transforms.Compose([
-        transforms.Resize((size, size), interpolation=transforms.InterpolationMode(interpolation)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    train_tf, test_tf, record = image_transforms(model_cfg, size, train_augment)
     out = {}
     for split, sub in (("train", manifest["train_dir"]), ("val", manifest["val_dir"])):
         if split not in splits:
@@ -587,4 +642,4 @@ def _load_folder_dataset(manifest: dict, model_cfg: dict, train_augment: bool, s
         out[split] = FolderSplit(train_tf if split == "train" else test_tf, samples)
     # ImageNet practice (and the released code): the val folder is the test set
     return Dataset(out.get("train"), out.get("val"), out.get("val"), manifest["num_classes"], 3, size,
-                   manifest["fingerprint"], manifest["classes"])
+                   manifest["fingerprint"], manifest["classes"], record)

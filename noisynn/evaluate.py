@@ -401,6 +401,9 @@ def evaluate_group(
         "test_batch_size": test_batch_size,
         "forward_batch_size": forward_batch_size,
         "reported_metric": reported_metric,
+        # how the test images were fed (an image folder's preprocess; None: embedded data, normalized when prepared)
+        "preprocess": (data.test_transform or {}).get("preprocess"),
+        "test_transform": data.test_transform,
         "prefix_seconds": round(prefix_seconds, 4),
         "total_seconds": round(total, 4),
         "images_per_second": round((runner.images + prefix_images) / max(total, 1e-9), 1),

@@ -17,10 +17,11 @@ from torch import nn
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path, atomic_write_json
 from noisynn.io.safetensors_header import read_safetensors_header
+from noisynn.vocab import PREPROCESSES
 
 CHECKPOINT_FORMAT = "noisynn-checkpoint/1"
 MODEL_KEYS = {"timm_name": (str,), "kwargs": (dict, type(None)), "pretrained": (str, type(None)),
-              "augment": (dict, type(None)), "image_size": (int, type(None))}
+              "augment": (dict, type(None)), "image_size": (int, type(None)), "preprocess": (str, type(None))}
 
 
 def check_model_config(model_cfg, what: str = "model config", strict: bool = False) -> None:
@@ -40,6 +41,8 @@ def check_model_config(model_cfg, what: str = "model config", strict: bool = Fal
             want = " or ".join("null" if t is type(None) else {"str": "a string", "dict": "a mapping",
                                                                   "int": "an integer"}[t.__name__] for t in types)
             raise UserError(f"{what} key {key} must be {want}; got {value!r}.")
+    if model_cfg.get("preprocess") not in (None, *PREPROCESSES):
+        raise UserError(f"{what} key preprocess must be one of {', '.join(PREPROCESSES)}; got {model_cfg['preprocess']!r}.")
     if isinstance(model_cfg.get("image_size"), int) and model_cfg["image_size"] < 1:
         raise UserError(f"{what} key image_size must be a positive integer; got {model_cfg['image_size']}.")
 

@@ -64,6 +64,11 @@ def released_metric(correct_per_batch, batch_sizes) -> float:
     return float(np.mean(correct / seen))
 
 
+# How an image folder's images are fed to a model (models.<name>.preprocess; data.image_transforms):
+# timm's pretrained config of the weights, or the released code's test and training transforms.
+PREPROCESSES = ("timm", "released")
+
+
 # --- noise settings --------------------------------------------------------------------------------
 
 NOISE_KINDS = ("none", "gaussian", "impulse", "linear-optimal", "linear-shift")

@@ -55,6 +55,9 @@ def test_paper_configs_validate_against_a_dataset_folder(tmp_path, name):
         (lambda c: c["noises"][1].update(detach=True), "noises.1.detach", "only the linear noises"),
         (lambda c: c["noises"][4].update(neighbour="left"), "noises.4.neighbour", "previous, next"),
         (lambda c: c["models"]["resnet"].update(reported_metric="mean"), "models.resnet.reported_metric", "running, plain"),
+        (lambda c: c["models"]["vit"].update(preprocess="imagenet"), "models.vit.preprocess", "timm, released"),
+        (lambda c: c["models"]["vit"].update(preprocess="released"), "models.vit.preprocess", "dataset kind digits"),
+        (lambda c: c["noises"][4].update(detach="partial"), "noises.4.detach", "partner"),
     ],
 )
 def test_each_mistake_is_one_sentence_naming_file_and_key(edit, key, expected):

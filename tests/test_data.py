@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_image_folder
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -297,8 +298,6 @@ def test_image_folder_augmentation_is_a_function_of_seed_and_sample(image_folder
     """Resuming mid-epoch, or another number of workers, must not change what a sample looks like."""
     import random
 
-    import torch
-
     prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
     data = load_dataset(tmp_path / "prepared", {"timm_name": "resnet18"}, train_augment=True)
     everything = [np.arange(9)]
@@ -356,3 +355,38 @@ def test_released_order_walks_nested_class_folders_as_torchvision_imagefolder(tm
     theirs = [(str(Path(p)), t) for p, t in ImageFolder(str(root / "val")).samples]
     assert ours == theirs
     assert [p for p, _ in ours] != sorted(p for p, _ in ours)  # the layout tells the two walks apart
+
+
+@pytest.mark.parametrize("timm_name, size", [
+    # the ViT code resizes to --res (NoisyViT-OptimalQ/parameters.py line 23: default 384; runScript.txt)
+    ("vit_base_patch16_384.augreg_in21k_ft_in1k", 384),
+    ("resnet50.tv2_in1k", 224),  # the CNN code's test resize is 224 (NoisyCNN_CircularShiftQ/dataloader.py line 216)
+])
+def test_released_preprocess_feeds_what_the_released_test_transform_computes(tmp_path, timm_name, size):
+    """The released test transforms (github.com/Shawey94/NoisyNN @719ccf6): NoisyViT-OptimalQ/Accdataloader.py
+    lines 82-86 and NoisyCNN_CircularShiftQ/dataloader.py lines 215-219 are ``transforms.Resize((res, res))``
+    with torchvision's default interpolation (bilinear, which on a PIL image is PIL's bilinear resize),
+    ``ToTensor()`` (/255), and ``Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])``.
+    Computed here from those numbers on a generated non-square image; the `timm` arm (timm's config of
+    the same weights) feeds other tensors, which is what the audit's two arms measure."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, size=(37, 50, 3), dtype=np.uint8)
+    for split in ("train", "val"):
+        (tmp_path / "folder" / split / "a").mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / "folder" / split / "a" / "0.png")
+    prepare_image_folder(tmp_path / "prepared", tmp_path / "folder", image_size=size)
+    model = {"timm_name": timm_name, "image_size": size}
+    released = load_dataset(tmp_path / "prepared", {**model, "preprocess": "released"}, train_augment=False, splits=("val",))
+    got, _ = next(released.test.batches([np.arange(1)]))
+
+    resized = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    expected = torch.from_numpy(((resized - mean) / std).transpose(2, 0, 1).copy())
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
+    assert released.test_transform == {"preprocess": "released", "interpolation": "bilinear", "resize": [size, size],
+                                       "crop": None, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    timm_arm = load_dataset(tmp_path / "prepared", model, train_augment=False, splits=("val",))
+    other, _ = next(timm_arm.test.batches([np.arange(1)]))
+    assert timm_arm.test_transform["preprocess"] == "timm" and not torch.allclose(other, got, atol=1e-2)

@@ -259,7 +259,9 @@ def test_training_on_an_image_folder_end_to_end(tmp_path):
     write_image_folder(root / "train", {"a": 6, "b": 6}, size=16, seed=0)
     write_image_folder(root / "val", {"a": 3, "b": 3}, size=16, seed=1)
     prepare_image_folder(tmp_path / "prepared", root, image_size=16)
-    model = {"timm_name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}}
+    # the released code's transforms (preprocess: released): its training crop too must replay from the seed
+    model = {"timm_name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8},
+             "preprocess": "released"}
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "prepared"), model=model, epochs=2,
                       batch_size=4, lr=1e-3, warmup_epochs=0, num_workers=0)
     train(cfg)
@@ -269,6 +271,8 @@ def test_training_on_an_image_folder_end_to_end(tmp_path):
     result = evaluate_checkpoint(tmp_path / "run" / "model.safetensors", tmp_path / "prepared",
                                  {"kind": "linear-optimal", "axis": "batch"}, "layer4.0", test_batch_size=3)
     assert result["protocols"]["released"]["n"] == 6
+    # the evaluation says how its images were fed: the preprocess travelled in the checkpoint's sidecar
+    assert result["preprocess"] == "released" and result["test_transform"]["std"] == [0.229, 0.224, 0.225]
     assert (result["predictions"]["batch1"] == result["predictions"]["clean"]).all()
 
 

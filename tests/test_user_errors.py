@@ -467,6 +467,14 @@ def test_config_noise_that_its_site_makes_the_identity():
     config_refused(cfg, "noises.3.axis", "resnet", "layer4.0", "identity")
 
 
+def test_config_released_preprocess_of_a_family_the_released_code_lacks(image_folder):
+    # the released code has transforms for its ViTs and ResNets only (docs/paper.md §4.1)
+    cfg = tiny_config()
+    cfg["dataset"] = {"name": "folder", "kind": "imagefolder", "root": str(image_folder), "image_size": 8}
+    cfg["models"]["vit"] = {"timm_name": "convnext_atto", "site": "stages.3", "preprocess": "released"}
+    config_refused(cfg, "models.vit.preprocess", "convnext_atto", "preprocess: timm")
+
+
 def test_config_model_that_cannot_take_the_data():
     cfg = tiny_config()
     cfg["models"]["vit"]["kwargs"]["img_size"] = 16  # the dataset is 8 px

@@ -225,6 +225,9 @@ def _check_grid(config: dict, source: str) -> None:
                 read_safetensors_header(Path(pre), "file")
             except UserError as e:
                 raise UserError(f"{source}: key models.{name}.pretrained: {e}") from None
+        if m.get("preprocess") == "released" and config["dataset"]["kind"] != "imagefolder":
+            raise UserError(f"{source}: key models.{name}.preprocess: released is the released code's transform of "
+                            f"image files; dataset kind {config['dataset']['kind']} is normalized when prepared, so use timm.")
         if m.get("skip_pretrain") and pre is None:
             raise UserError(f"{source}: key models.{name}.skip_pretrain: needs pretrained weights (set models.{name}.pretrained).")
         if config.get("pretrain") is None and not m.get("skip_pretrain"):
@@ -290,7 +293,7 @@ def model_checks(config: dict, source: str) -> list[dict]:
     code = _code_digest()
     checks = []
     for name, m in config["models"].items():
-        model = {k: m[k] for k in ("timm_name", "kwargs", "image_size", "augment") if m.get(k) is not None}
+        model = {k: m[k] for k in ("timm_name", "kwargs", "image_size", "augment", "preprocess") if m.get(k) is not None}
         transfer = config.get("pretrain_dataset") is not None and not m.get("skip_pretrain")
         start_data = config["pretrain_dataset"] if transfer else config["dataset"]
         sites = [[f"models.{name}.site", m["site"]]]
@@ -345,6 +348,13 @@ def run_model_checks(checks: list[dict]) -> None:
             model = meta_model(model_cfg, start["num_classes"], start["in_chans"])
         except UserError as e:
             raise UserError(f"{where}.{'timm_name' if 'timm_name' in str(e) else 'kwargs'}: {e}") from None
+        if model_cfg.get("preprocess") == "released":
+            from noisynn.data import released_family
+
+            try:
+                released_family(model_cfg["timm_name"])
+            except UserError as e:
+                raise UserError(f"{where}.preprocess: {e}") from None
         check_model_fits_data(model, f"{where}.kwargs: model {model_cfg['timm_name']}", f"{start['name']!r}",
                               start["num_classes"], start["in_chans"], start["image_size"])
         check_forward(model, (2, start["in_chans"], start["image_size"], start["image_size"]),

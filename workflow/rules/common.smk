@@ -115,7 +115,7 @@ def prepare_args(d):
 
 def pretrain_model_json(wildcards):
     m = CFG["models"][wildcards.model]
-    keep = ("timm_name", "kwargs", "pretrained", "augment", "image_size")
+    keep = ("timm_name", "kwargs", "pretrained", "augment", "image_size", "preprocess")
     return q({k: m[k] for k in keep if m.get(k) is not None})
 
 

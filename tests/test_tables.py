@@ -9,7 +9,7 @@ import report_fixture as fx
 from noisynn.report import compare
 from noisynn.report.results import NO_DATA
 from noisynn.report.summary import make_report
-from noisynn.report.tables import CHANGES_COLUMNS, NOT_RUN, to_booktabs
+from noisynn.report.tables import CHANGES_COLUMNS, NOT_RUN, paper_lookup, to_booktabs
 from noisynn.vocab import PROTOCOLS
 
 
@@ -133,3 +133,24 @@ def test_without_per_image_predictions_the_tables_keep_the_means_and_claim_nothi
 def test_booktabs_escape_what_latex_would_read_as_commands():
     tex = to_booktabs(pd.DataFrame({"Δtop1 (pp)": ["+1.0 [0.5, 1.5]"], "share": ["12.0 %"], "noise": ["a_b"]}))
     assert r"$\Delta$top1" in tex and r"12.0 \%" in tex and r"a\_b" in tex and tex.count(r"\toprule") == 1
+
+
+def test_paper_rows_match_tagged_weights_and_prefer_the_released_preprocessing():
+    """A config names weights by tag (vit_base_patch16_384.augreg_in21k_ft_in1k) and runs two preprocessing
+    arms; the paper's numbers were made with the released code's preprocessing, so that arm answers them."""
+    from noisynn.report.results import Results
+
+    rows = []
+    for model, preprocess, value in (("vit", "timm", 0.5), ("vit_released_prep", "released", 0.9)):
+        for metric in ("top1", "released_metric_top1"):
+            rows.append({"model": model, "noise": fx.RECIPE, "apply": "eval", "site": "blocks.11.attn",
+                         "protocol": "released", "metric": metric, "seed": 0, "value": value, "mixed_axis_size": 10,
+                         "theory_delta_S": 1.0, "noise_applied": True, "predictions": "",
+                         "timm_name": "vit_base_patch16_384.augreg_in21k_ft_in1k", "reported_metric": "running",
+                         "preprocess": preprocess, "noise_kind": "linear-optimal", "strength": float("nan"), "alpha": float("nan"),
+                         "axis": "batch", "neighbour": None, "detach": False, "default_site": True})
+    r = Results(pd.DataFrame(rows))
+    row = {"model": "vit_base_patch16_384", "dataset": "imagenet1k", "noise": "linear-optimal", "protocol": "released",
+           "metric": "top1_percent"}
+    value, _, n, where = paper_lookup(r, row, "imagenet1k")
+    assert value == "90.00" and n == 1 and "model=vit_released_prep" in where and "released_metric_top1" in where

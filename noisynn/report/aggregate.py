@@ -17,7 +17,7 @@ METRICS = ("top1", "top5", "released_metric_top1", "released_metric_top5")
 COLUMNS = [
     "row_id", "dataset", "model", "timm_name", "noise", "noise_kind", "strength", "alpha", "axis", "neighbour",
     "detach", "apply", "site", "default_site", "seed", "protocol", "order", "batch_size", "noise_applied", "metric",
-    "value", "n", "mixed_axis_size", "theory_delta_S", "reported_metric", "checkpoint", "evaluation", "predictions",
+    "value", "n", "mixed_axis_size", "theory_delta_S", "reported_metric", "preprocess", "checkpoint", "evaluation", "predictions",
     "data_fingerprint", "git_commit", "noisynn", "torch", "timm",
 ]
 KEY = ("model", "noise", "apply", "site", "seed", "protocol", "metric")
@@ -69,6 +69,7 @@ def evaluation_rows(path: Path) -> list[dict]:
                     "mixed_axis_size": r.get("mixed_axis_size"),
                     "theory_delta_S": r.get("theory_delta_S"),
                     "reported_metric": group.get("reported_metric", "running"),
+                    "preprocess": group.get("preprocess") or "",  # empty: embedded data, normalized when prepared
                     "checkpoint": group["checkpoint"],
                     "evaluation": str(path),
                     "predictions": str(predictions) if predictions.is_file() else "",

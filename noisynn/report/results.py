@@ -150,6 +150,7 @@ class Results:
         self.sweep_df = pd.DataFrame(columns=SWEEP_COLUMNS) if sweeps is None else sweeps
         self.timm_names = dict(zip(df["model"], df["timm_name"]))
         self.reported_metrics = dict(zip(df["model"], df["reported_metric"]))
+        self.preprocesses = dict(zip(df["model"], df["preprocess"]))  # timm, released, or "" (embedded data)
         self._cells: dict[tuple, dict[int, float]] = {}
         self._theory, self._applied, self._paths, self._memo, self._open = {}, {}, {}, {}, {}
         cols = ["model", "noise", "apply", "site", "protocol", "metric", "seed", "value", "mixed_axis_size",

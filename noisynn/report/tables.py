@@ -130,21 +130,23 @@ _PAPER_METRICS = {"top1_percent": "top1", "top5_percent": "top5", "top1_gain_poi
 def paper_lookup(r: Results, row: dict, dataset: str) -> tuple[str, str, int, str] | None:
     """Ours for one paper row: (value, interval, n_seeds, filter) in percent (points for gains); None if none.
 
-    Match: model == timm_name, dataset, noise kind, protocol (paper ``unknown`` → our ``released``, noise ``none``
-    → ``clean``); under ``released`` with the metric the model's released code reports. Preferred among several
-    settings of that kind: apply eval, the batch axis, alpha 0.3.
+    Match: model == timm_name without its weight tag, dataset, noise kind, protocol (paper ``unknown`` → our
+    ``released``, noise ``none`` → ``clean``); under ``released`` with the metric the model's released code reports
+    (top-1 or top-5). Preferred among several settings of that kind: the released code's preprocessing (the
+    paper's numbers were made with it), apply eval, the batch axis, alpha 0.3.
     """
     if not row["model"] or not row["noise"] or row["metric"] not in _PAPER_METRICS or row["dataset"] != dataset:
         return None
     protocol = "clean" if row["noise"] == "none" else (row["protocol"] if row["protocol"] in PROTOCOLS else "released")
-    candidates = [s for s in r.at_default_site(kinds=(row["noise"],)) if r.timm_names.get(s.model) == row["model"]]
+    candidates = [s for s in r.at_default_site(kinds=(row["noise"],))
+                  if r.timm_names.get(s.model, "").split(".")[0] == row["model"]]
     metric = _PAPER_METRICS[row["metric"]]
     if candidates and protocol == "released":
         metric = r.reported_metric(candidates[0].model, top=5 if metric == "top5" else 1)
     candidates = [s for s in candidates if r.values(s, protocol, metric)]
     if not candidates:
         return None
-    best = min(candidates, key=lambda s: (s.apply != "eval", s.axis != "batch",
+    best = min(candidates, key=lambda s: (r.preprocesses.get(s.model) != "released", s.apply != "eval", s.axis != "batch",
                                           0.0 if s.alpha != s.alpha else abs(s.alpha - 0.3), s.key))
     where = best.where(protocol=protocol, metric=metric)
     values, iv = r.values(best, protocol, metric), r.accuracy(best, protocol) if metric == "top1" else None

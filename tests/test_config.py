@@ -77,3 +77,39 @@ def test_missing_or_unparsable_config_file(tmp_path):
     bad.write_text("dataset: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+# The weights the released code loads (github.com/Shawey94/NoisyNN @719ccf6), by the file they come
+# from. ViTs: timm.create_model('vit_<scale>_patch16_<res>', pretrained=True) (NoisyViT-OptimalQ/Main.py
+# line 80) under timm==0.6.13 (requirements.txt line 3), whose default_cfgs name these files (timm v0.6.13
+# timm/models/vision_transformer.py lines 55-57, 69-71, 83-88, 99-104). ResNets: torchvision's DEFAULT
+# weights (NoisyCNN_CircularShiftQ/CNNs.py lines 156, 266, 376, 486), IMAGENET1K_V1 for ResNet-18/34 and
+# IMAGENET1K_V2 for ResNet-50/101 (its CNNModels.py lines 1779, 1801, 1844, 1887; URLs lines 1762, 1784,
+# 1824, 1867).
+_AUGREG = "https://storage.googleapis.com/vit_models/augreg/"
+RELEASED_WEIGHTS = {
+    "vit_tiny_patch16_224": _AUGREG + "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz",
+    "vit_small_patch16_224": _AUGREG + "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz",
+    "vit_base_patch16_224": _AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    "vit_base_patch16_384": _AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_384.npz",
+    "vit_large_patch16_224": _AUGREG + "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    "vit_large_patch16_384": _AUGREG + "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_384.npz",
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+}
+
+
+@pytest.mark.parametrize("name", ["imagenet-audit.yaml", "paper-imagenet.yaml"])
+def test_imagenet_configs_start_from_the_weights_the_released_code_loads(name):
+    """Each of the paper's ViTs and ResNets names the timm tag whose file is the one the released code
+    downloads (timm keeps the source URL of every tag). timm 1.x's untagged vit_base_patch16_224 is AugReg2
+    and its untagged resnet50 is a1_in1k: neither is what the released code ran."""
+    import timm
+
+    models = yaml.safe_load((REPO / "config" / name).read_text())["models"]
+    released = {m: c for m, c in models.items() if c["timm_name"].split(".")[0] in RELEASED_WEIGHTS}
+    assert {c["timm_name"].split(".")[0] for c in released.values()} == set(RELEASED_WEIGHTS)
+    for m, c in released.items():
+        assert timm.models.get_pretrained_cfg(c["timm_name"]).url == RELEASED_WEIGHTS[c["timm_name"].split(".")[0]], m

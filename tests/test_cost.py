@@ -137,10 +137,14 @@ def test_the_audit_config_states_the_cost_the_tool_prints(capsys):
     out = capsys.readouterr().out
     models = load_config(AUDIT, check_folders=False)["models"]
     table = [line for line in out.splitlines() for m in models if line.startswith(f"| {m} |")]
-    assert len(table) == len(models) == 10
+    # the paper's ten models, each under timm's preprocessing and under the released code's: the second
+    # arm is counted as the jobs it adds
+    released = [m for m in models if models[m]["preprocess"] == "released"]
+    assert len(table) == len(models) == 20 and sorted(released) == sorted(f"{m}_released_prep" for m in models
+                                                                          if m not in released)
     # every model: 45 noisy passes (9 settings × 5 protocols), clean once, the sweeps 22 + 30
     assert all("| 98.0 |" in line for line in table), table
-    total = re.search(r"Total: ([\d.]+) GPU-hours \((\d+) minutes\) for 10 of 10 models", out)
+    total = re.search(r"Total: ([\d.]+) GPU-hours \((\d+) minutes\) for 20 of 20 models", out)
     assert total, out
     header = AUDIT.read_text().split("\ndataset:")[0]
     assert f"{total.group(1)} GPU-hours" in header, "config/imagenet-audit.yaml's header quotes another total"

@@ -219,3 +219,21 @@ def test_model_that_cannot_take_the_data_is_refused_naming_both():
     # a ResNet pools globally: another image size is legitimate
     resnet = build_model(RESNET_MODEL, num_classes=10, in_chans=1)
     check_model_fits_data(resnet, "model resnet", "D", 10, 1, 32)
+
+
+@pytest.mark.parametrize("timm_name", ["vit_tiny_patch16_224.augreg_in21k_ft_in1k", "resnet18.tv_in1k"])
+def test_released_weights_tags_load_from_a_local_safetensors_file(tmp_path, timm_name):
+    """The ImageNet configs name the released code's weights by timm tag (config/imagenet-audit.yaml); a
+    node without network loads the downloaded file instead (pretrained: <file>). Random weights of the
+    same shapes stand in for the download: every tensor is the file's, none is timm's random init."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    state = timm.create_model(timm_name.split(".")[0], num_classes=1000).state_dict()
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    model = build_model({"timm_name": timm_name, "pretrained": str(weights), "preprocess": "released"}, 1000, 3)
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)

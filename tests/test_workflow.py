@@ -69,8 +69,9 @@ def test_tiny_config_dry_run_counts(repo_copy):
         # 4 models × 2 seeds × (none + 3 optimal axes × 2 + 2 shifts × 2 + 3 gaussian + 3 impulse = 17)
         # + sweeps 4 × 3 × 2 = 24 → 160 evaluations in 2 × (4 + 12 + 4 × 5) = 72 jobs; fine-tunings 48
         ("config/tinyimagenet.yaml", {"import_weights": 4, "finetune": 48, "evaluate": 72}),
-        # the decisive audit: 10 models × 9 eval-only settings, one pass per model, no training job
-        ("config/imagenet-audit.yaml", {"import_weights": 10, "evaluate": 10}),
+        # the decisive audit: 10 models × 2 preprocessing arms (timm's, the released code's) × 9 eval-only
+        # settings, one pass per model and arm, no training job
+        ("config/imagenet-audit.yaml", {"import_weights": 20, "evaluate": 20}),
     ],
 )
 def test_paper_configs_dry_run_against_fake_imagefolder(repo_copy, fake_imagefolder, config, counts):
@@ -82,6 +83,12 @@ def test_paper_configs_dry_run_against_fake_imagefolder(repo_copy, fake_imagefol
     assert "pretrain" not in got
     if "audit" in config:
         assert "finetune" not in got, "the audit of released weights trains nothing"
+        # the released code's weights, each imported for both preprocessing arms
+        shown = snakemake(repo_copy, "-n", "-p", "--workflow-profile", "none", "--configfile", config, "--config",
+                          f"dataset={{root: {fake_imagefolder}}}", "--until", "import_weights").stdout
+        for tag in ("vit_base_patch16_224.augreg_in21k_ft_in1k", "resnet50.tv2_in1k", "resnet18.tv_in1k"):
+            imports = [line for line in shown.splitlines() if "import-weights" in line and tag in line]
+            assert len(imports) == 2 and sum('"preprocess": "released"' in line for line in imports) == 1, tag
 
 
 @pytest.mark.slow

@@ -139,7 +139,7 @@ def test_the_audit_config_states_the_cost_the_tool_prints(capsys):
     table = [line for line in out.splitlines() for m in models if line.startswith(f"| {m} |")]
     # the paper's ten models, each under timm's preprocessing and under the released code's: the second
     # arm is counted as the jobs it adds
-    released = [m for m in models if models[m]["preprocess"] == "released"]
+    released = [m for m in models if models[m].get("preprocess") == "released"]
     assert len(table) == len(models) == 20 and sorted(released) == sorted(f"{m}_released_prep" for m in models
                                                                           if m not in released)
     # every model: 45 noisy passes (9 settings × 5 protocols), clean once, the sweeps 22 + 30

@@ -91,7 +91,7 @@ def assert_same_results(local: Path, cluster: Path) -> None:
         assert [e["setting"] for e in ours] == [e["setting"] for e in theirs]
         for mine, other in zip(ours, theirs):
             for protocol in mine["protocols"]:
-                for metric in ("top1", "top5", "released_metric_top1"):
+                for metric in ("top1", "top5", "released_metric_top1", "released_metric_top5"):
                     assert mine["protocols"][protocol][metric] == other["protocols"][protocol][metric], (rel, protocol, metric)
     weights = sorted(p.relative_to(local) for p in local.glob("results/**/model.safetensors"))
     assert weights == sorted(p.relative_to(cluster) for p in cluster.glob("results/**/model.safetensors"))

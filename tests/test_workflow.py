@@ -191,8 +191,8 @@ def test_tiny_workflow_end_to_end_then_noop_then_code_changes_then_incremental(r
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"vit", "resnet"}
     table = (out / "evaluations.csv").read_text().splitlines()
-    # 14 evaluations × 6 protocols × 3 metrics, plus the header
-    assert len(table) == 14 * 6 * 3 + 1
+    # 14 evaluations × 6 protocols × 4 metrics (top-1, top-5, their released running means), plus the header
+    assert len(table) == 14 * 6 * 4 + 1
     assert "git_commit" in table[0] and "seed" in table[0]
     # every job wrote its own log; every cell of the regeneration lies in its own interval
     assert len(list((repo_copy / "logs/evaluate").rglob("*.log"))) == 6
@@ -230,7 +230,7 @@ def test_tiny_workflow_end_to_end_then_noop_then_code_changes_then_incremental(r
     dry = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", str(grown))
     assert job_counts(dry.stdout) == {"evaluate": 2, "aggregate": 1, **REPORT, "default": 1}
     snakemake(repo_copy, "--cores", "2", "--workflow-profile", "none", "--configfile", str(grown), timeout=600)
-    assert len((out / "evaluations.csv").read_text().splitlines()) == 16 * 6 * 3 + 1
+    assert len((out / "evaluations.csv").read_text().splitlines()) == 16 * 6 * 4 + 1
 
 
 @pytest.mark.slow

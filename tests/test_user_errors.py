@@ -475,6 +475,13 @@ def test_config_released_preprocess_of_a_family_the_released_code_lacks(image_fo
     config_refused(cfg, "models.vit.preprocess", "convnext_atto", "preprocess: timm")
 
 
+def test_config_augment_beside_the_released_preprocess(image_folder):
+    cfg = tiny_config()
+    cfg["dataset"] = {"name": "folder", "kind": "imagefolder", "root": str(image_folder), "image_size": 8}
+    cfg["models"]["vit"].update(preprocess="released", augment={"scale": [0.5, 1.0]})
+    config_refused(cfg, "models.vit.augment", "preprocess: released")
+
+
 def test_config_model_that_cannot_take_the_data():
     cfg = tiny_config()
     cfg["models"]["vit"]["kwargs"]["img_size"] = 16  # the dataset is 8 px

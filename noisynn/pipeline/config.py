@@ -228,6 +228,9 @@ def _check_grid(config: dict, source: str) -> None:
         if m.get("preprocess") == "released" and config["dataset"]["kind"] != "imagefolder":
             raise UserError(f"{source}: key models.{name}.preprocess: released is the released code's transform of "
                             f"image files; dataset kind {config['dataset']['kind']} is normalized when prepared, so use timm.")
+        if m.get("preprocess") == "released" and m.get("augment"):
+            raise UserError(f"{source}: key models.{name}.augment: applies to preprocess: timm; preprocess: released "
+                            "fixes the released code's transforms, so leave augment out.")
         if m.get("skip_pretrain") and pre is None:
             raise UserError(f"{source}: key models.{name}.skip_pretrain: needs pretrained weights (set models.{name}.pretrained).")
         if config.get("pretrain") is None and not m.get("skip_pretrain"):

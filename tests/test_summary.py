@@ -51,6 +51,10 @@ def test_summary_opens_with_the_headline_figure_and_puts_the_audit_figure_below(
 def test_summary_explains_the_verdict_rule_and_calls_each_built_in_effect_by_it(run):
     text = (run["out"] / "SUMMARY.md").read_text()
     assert VERDICT_RULE in text and "one standard deviation" not in text
+    family = text.split("**One family, one error rate.**")[1].split("\n")[0]
+    # two models × released, shuffled, class_mixed (batch1 is the identity there, not tested)
+    assert "6 tested contrasts" in family and "Holm" in family and "Benjamini-Hochberg" in family
+    assert "family-wise error rate" in family and "false discovery" in family
     linear = text.split("### Claim: linear-transform")[1].split("### Claim: Gaussian")[0]
     rows = {(r["model"], r["noise"], r["apply"]): r for r in _md_rows(linear)}
     recipe = rows[("vit", fx.RECIPE, "eval")]

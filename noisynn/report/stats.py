@@ -233,7 +233,8 @@ def _wilson(p: float, n: float, confidence: float) -> tuple[float, float]:
     z = sps.norm.ppf(1 - (1 - confidence) / 2)
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    # the interval holds p; at p = 0 or 1 rounding would otherwise leave it a hair off
+    return min(p, max(0.0, float(centre - half))), max(p, min(1.0, float(centre + half)))
 
 
 def accuracy_interval(correct_by_seed: list[np.ndarray], units_by_seed: list[np.ndarray],

@@ -18,7 +18,7 @@ import pandas as pd
 from noisynn.io.atomic import atomic_path, atomic_write_text
 from noisynn.orders import SWEEP_ORDERS
 from noisynn.report import stats
-from noisynn.report.compare import CELLS_COLUMNS
+from noisynn.report.compare import CELLS_COLUMNS, seeds_text
 from noisynn.report.results import FAMILIES, NO_DATA, Results, Setting
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS
 
@@ -170,9 +170,10 @@ def paper_vs_ours_table(r: Results, paper: pd.DataFrame, dataset: str) -> pd.Dat
 
 
 def cells_table(r: Results) -> pd.DataFrame:
-    """Per setting and protocol: top-1 (mean over seeds) with its interval; the table `noisynn compare` reads."""
+    """Per setting and protocol: top-1 (mean over seeds) with its interval and seeds; the table `noisynn compare` reads."""
     rows = [[s.model, s.noise, s.apply, s.site, p, "top1", seed_mean(r.values(s, p)), iv.low, iv.high, iv.n_seeds,
-             iv.n_units] for s in r.settings for p in PROTOCOLS if (iv := r.accuracy(s, p)) is not None]
+             iv.n_units, seeds_text(r.values(s, p))]
+            for s in r.settings for p in PROTOCOLS if (iv := r.accuracy(s, p)) is not None]
     return pd.DataFrame(rows, columns=CELLS_COLUMNS)
 
 

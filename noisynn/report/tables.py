@@ -201,7 +201,8 @@ def changes_table(r: Results) -> pd.DataFrame:
 
 
 def _p_text(p: float) -> str:
-    return "" if p != p else f"{p:.2g}"
+    """Two significant digits; below 1e-12 the exact test's FFT rounding, so only the bound."""
+    return "" if p != p else "< 1e-12" if p < 1e-12 else f"{p:.2g}"
 
 
 def changes_display(changes: pd.DataFrame) -> pd.DataFrame:

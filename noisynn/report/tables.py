@@ -213,7 +213,8 @@ def changes_display(changes: pd.DataFrame) -> pd.DataFrame:
     out["MDE (pp)"] = [pct(x) for x in changes["mde"]]
     out["improved / worsened"] = [f"{b} / {c}" if b != "" else "" for b, c in zip(changes["improved"],
                                                                                  changes["worsened"])]
-    out["units"] = [f"{n} {u}s" if u else "" for n, u in zip(changes["n_units"], changes["unit"])]
+    out["units"] = [f"{n} {'batches' if u == 'batch' else 'images'}" if u else "" for n, u in zip(changes["n_units"],
+                                                                                                changes["unit"])]
     out["sign-flip p"] = [_p_text(p) for p in changes["pvalue"]]
     out["adjusted p"] = [f"{_p_text(q)} ({a})" if a else "" for q, a in zip(changes["adjusted_pvalue"],
                                                                            changes["adjustment"])]

@@ -162,9 +162,10 @@ def test_bad_tables_are_user_errors(tmp_path):
         compare.read_cells(tmp_path / "empty.csv")
 
 
-def _results_folder(root: Path, altered: tuple | None = None) -> Path:
+def _results_folder(root: Path, altered: tuple | None = None, record: bool = True) -> Path:
     """A synthetic results folder (evaluations.csv, predictions, tables/cells.csv); ``altered``: (model, noise,
-    protocol, images) whose predictions are turned wrong for that many right images in every seed."""
+    protocol, images) whose predictions are turned wrong for that many right images in every seed, and
+    (``record``) its recorded top-1 with them."""
     paths = fx.build(root, sweeps=False)
     if altered is not None:
         model, noise, protocol, images = altered
@@ -181,7 +182,8 @@ def _results_folder(root: Path, altered: tuple | None = None) -> Path:
             row = ((table["model"] == model) & (table["noise"] == noise) & (table["protocol"] == protocol)
                    & (table["metric"] == "top1") & (table["seed"] == str(seed)))
             table.loc[row, "value"] = str(float((pred == fx.LABELS).mean()))
-        table.to_csv(paths["evaluations"], index=False)
+        if record:
+            table.to_csv(paths["evaluations"], index=False)
     make_report(paths["evaluations"], None, paths["paper"], root, fx.DATASET, only="summary")
     return root
 
@@ -205,6 +207,11 @@ def test_per_image_predictions_are_compared_paired_and_a_two_point_change_is_fou
     # the same four images in both seeds: 200 images of evidence, so the paired interval alone would not
     # flag it; the drift rule does, since the same seeds cannot move two points
     assert p.estimate == pytest.approx(-0.02) and p.low < -0.02 < p.high
+    # the predictions altered after the evaluation recorded its top-1: the recorded values agree, the images do not
+    unrecorded = _results_folder(tmp_path / "unrecorded", ("vit", "gaussian_s0.5", "shuffled", 4), record=False)
+    assert compare.compare(compare.read_cells(ref), compare.read_cells(unrecorded)).all_consistent
+    rc, lines = _run(ref, unrecorded)
+    assert rc == 1 and lines[-1].endswith(f"differing: {key}")
 
 
 def test_without_predictions_the_cells_alone_are_compared(tmp_path):

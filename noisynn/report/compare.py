@@ -14,9 +14,14 @@ those predictions too. Each cell is judged by what could make it move:
   √((hi_ref − v_ref)² + (v_new − lo_new)²). The reference's interval alone is no prediction interval
   for a new estimate; it would flag about twice as many cells as its level says.
 
-With per-image predictions on both sides the report adds, per cell over the common seeds, the share
-of images predicted otherwise and the paired interval of the top-1 difference (``stats.change_interval``
-on the cell's units). A reference cell absent from the new table counts as differing.
+* *the same seeds' predictions* (both sides are results folders with the per-image predictions of a
+  cell's seeds): the cell agrees when the paired change of top-1 on those images, and the change of
+  the recorded values, both stay within ``DRIFT``; a prediction file altered after its evaluation
+  shows here even where the recorded values agree. Beside a differing cell: the share of images
+  predicted otherwise and the paired interval of the top-1 difference (``stats.change_interval`` on
+  the cell's units).
+
+A reference cell absent from the new table counts as differing.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ KEY = ["model", "noise", "apply", "site", "protocol", "metric"]
 _NUMERIC = ["value", "ci_low", "ci_high", "n_seeds", "n_units"]
 _OPTIONAL = ("seeds",)  # a table written before the cells listed their seeds: seeds unknown, judged as other seeds
 DRIFT = 0.01  # the floating-point drift a same-seed regeneration may show, as a fraction (README: up to 0.9 points)
-SAME_SEEDS, OTHER_SEEDS = "same seeds", "other seeds"
+SAME_SEEDS, OTHER_SEEDS, PAIRED = "same seeds", "other seeds", "same seeds' predictions"
 # Values are fractions written as decimal text; a round trip through CSV may move the last bit.
 _SLACK = 1e-12
 _SHOWN_KEYS = 3
@@ -154,11 +159,17 @@ def allowed_difference(ref, new) -> tuple[str, float, float]:
             math.hypot(ref.ci_high - ref.value, new.value - new.ci_low))
 
 
-def compare(reference: pd.DataFrame, new: pd.DataFrame) -> CompareResult:
-    """Cell by cell: consistent iff lowest − 1e-12 ≤ v_new − v_ref ≤ highest + 1e-12 (``allowed_difference``)."""
+def compare(reference: pd.DataFrame, new: pd.DataFrame, paired: dict[tuple, Paired] | None = None) -> CompareResult:
+    """Cell by cell: consistent iff lowest − 1e-12 ≤ Δ ≤ highest + 1e-12 (``allowed_difference``).
+
+    Δ = v_new − v_ref; for a cell in ``paired`` (predictions of the same seeds on both sides), the paired
+    change of top-1 on those images, judged against the drift: an altered prediction file shows there even
+    where the recorded values agree.
+    """
+    paired = paired or {}
     new_rows = {tuple(getattr(row, c) for c in KEY): row for row in new.itertuples(index=False)}
     ref_keys = set()
-    result = CompareResult()
+    result = CompareResult(paired=paired)
     for row in reference.itertuples(index=False):
         key = tuple(getattr(row, c) for c in KEY)
         ref_keys.add(key)
@@ -167,9 +178,14 @@ def compare(reference: pd.DataFrame, new: pd.DataFrame) -> CompareResult:
             result.differing.append(Difference(key, float(row.value), float(row.ci_low), float(row.ci_high), None))
             result.only_in_reference.append(key)
             continue
-        mode, lowest, highest = allowed_difference(row, other)
+        if key in paired:  # the same seeds' predictions on both sides: the images and the recorded values
+            mode, lowest, highest = PAIRED, -DRIFT, DRIFT
+            deltas = (paired[key].estimate, other.value - row.value)
+        else:
+            mode, lowest, highest = allowed_difference(row, other)
+            deltas = (other.value - row.value,)
         result.modes[mode] = result.modes.get(mode, 0) + 1
-        if lowest - _SLACK <= other.value - row.value <= highest + _SLACK:
+        if all(lowest - _SLACK <= d <= highest + _SLACK for d in deltas):
             result.consistent += 1
         else:
             result.differing.append(Difference(key, float(row.value), float(row.ci_low), float(row.ci_high),
@@ -231,16 +247,16 @@ def _points(x: float) -> str:
 def main(reference: Path, new: Path, out: TextIO | None = None) -> int:
     """Print the differing cells and one summary line; 0 when every reference cell is consistent, else 1."""
     out = sys.stdout if out is None else out
-    result = compare(read_cells(reference), read_cells(new))
-    result.paired = paired_cells(reference, new)
+    result = compare(read_cells(reference), read_cells(new), paired_cells(reference, new))
     for d in result.differing:
         ref = f"reference {_pct(d.value)} [{_pct(d.ci_low)}, {_pct(d.ci_high)}]"
         if d.missing:
             print(f"missing from the new table: {_show_key(d.key)} ({ref})", file=out)
             continue
         low, high = d.allowed
-        why = (f"more than the {100 * DRIFT:.1f}-point floating-point drift allowed for the same seeds" if d.mode == SAME_SEEDS
-               else f"outside the [{_points(low)}, {_points(high)}] points two independent estimates allow")
+        why = (f"outside the [{_points(low)}, {_points(high)}] points two independent estimates allow"
+               if d.mode == OTHER_SEEDS else
+               f"more than the {100 * DRIFT:.1f}-point floating-point drift allowed for the same seeds")
         line = f"differs: {_show_key(d.key)}: new {_pct(d.new_value)} against {ref}, {why}"
         if (p := result.paired.get(d.key)) is not None:
             line += (f"; {_pct(p.changed)} of the images predicted otherwise, paired change {_points(p.estimate)} "

@@ -117,6 +117,11 @@ class Setting:
         return self.model, kind, 0.0 if x != x else x, self.noise, self.apply != "eval", self.apply, site_key(self.site)
 
     @property
+    def key4(self) -> tuple[str, str, str, str]:
+        """(model, noise, apply, site): the setting's name in the evaluations table."""
+        return self.model, self.noise, self.apply, self.site
+
+    @property
     def family(self) -> str:
         """The line a strength sweep draws: the kind, axis and variant, whatever the strength."""
         return "_".join([self.kind, *([self.axis] if self.axis else []), *(["next"] if self.neighbour == "next" else []),
@@ -157,11 +162,13 @@ class Results:
         self.reported_metrics = dict(zip(df["model"], df["reported_metric"]))
         self._cells: dict[tuple, dict[int, float]] = {}
         self._theory, self._applied, self._paths, self._memo, self._open = {}, {}, {}, {}, {}
+        self._checkpoints: dict[tuple, str] = {}
         cols = ["model", "noise", "apply", "site", "protocol", "metric", "seed", "value", "mixed_axis_size",
-                "theory_delta_S", "noise_applied", "predictions"]
-        for m, n, a, s, p, metric, seed, v, k, ds, applied, path in zip(*(df[c].tolist() for c in cols)):
+                "theory_delta_S", "noise_applied", "predictions", "checkpoint"]
+        for m, n, a, s, p, metric, seed, v, k, ds, applied, path, ckpt in zip(*(df[c].tolist() for c in cols)):
             self._cells.setdefault((m, n, a, s, p, metric), {})[seed] = v
             self._applied[(m, n, a, s, p)] = applied
+            self._checkpoints[(m, n, a, s, seed)] = ckpt
             if path:
                 self._paths[(m, n, a, s, seed)] = path
             if metric == "top1":
@@ -252,9 +259,12 @@ class Results:
         return "batch" if s.mixes_batch(self._applied.get((s.model, s.noise, s.apply, s.site, protocol), False)) else "image"
 
     def identity(self, s: Setting, protocol: str, own: bool = False) -> bool:
-        """The setting is its reference by construction under ``protocol``: the same checkpoint (``apply=eval``
-        against the vanilla model, or ``own``) with the noise off, or a batch-axis linear noise at batch size 1."""
-        if not own and s.apply != "eval":
+        """The setting is its reference by construction under ``protocol``: the same checkpoint in every seed (``own``,
+        or the vanilla model's, as the evaluations record it) with the noise off, or a batch-axis linear noise at
+        batch size 1."""
+        v = self.vanilla(s.model)
+        if not own and (v is None or any(self._checkpoints.get((*v.key4, seed)) != self._checkpoints[(*s.key4, seed)]
+                                         for seed in self.values(s, protocol))):
             return False
         applied = self._applied.get((s.model, s.noise, s.apply, s.site, protocol), False)
         k = self.theory(s, protocol)[0]

@@ -162,6 +162,9 @@ def test_batches_that_differ_by_seed_are_each_seeds_own_units():
     # never narrower than the same data read with the image as the only unit
     images = stats.change_interval(setting, ref, [_image_units()] * 2)
     assert iv.high - iv.low >= images.high - images.low
+    # the test flips each seed's batches on their own (stratified by seed)
+    totals = [np.bincount(u, weights=a.astype(int) - b.astype(int)) for a, b, u in zip(setting, ref, shuffled)]
+    assert stats.sign_flip_test(setting, ref, shuffled).n_units == sum(int(np.count_nonzero(t)) for t in totals)
 
 
 def test_all_right_gives_a_lower_end_below_100_percent():
@@ -345,7 +348,7 @@ else:
         u = stats.units(batch, setting.size, mixes_batch=True)
         iv = stats.change_interval([setting], [reference], [u])
         assert iv.estimate == pytest.approx(setting.mean() - reference.mean())
-        assert -1 <= iv.low < iv.estimate < iv.high <= 1 or -1 <= iv.low < iv.high <= 1
+        assert -1 <= iv.low <= iv.estimate <= iv.high <= 1 and iv.low < iv.high  # never zero width unless told
         t = stats.sign_flip_test(setting, reference, u)
         assert t.b - t.c == int(setting.sum()) - int(reference.sum())
         assert 0 < t.pvalue <= 1

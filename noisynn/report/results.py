@@ -256,7 +256,7 @@ class Results:
 
     def unit(self, s: Setting, protocol: str) -> str:
         """The unit of dependence of the setting under ``protocol``: ``batch`` or ``image``."""
-        return "batch" if s.mixes_batch(self._applied.get((s.model, s.noise, s.apply, s.site, protocol), False)) else "image"
+        return "batch" if s.mixes_batch(self._applied.get((*s.key4, protocol), False)) else "image"
 
     def identity(self, s: Setting, protocol: str, own: bool = False) -> bool:
         """The setting is its reference by construction under ``protocol``: the same checkpoint in every seed (``own``,
@@ -266,8 +266,7 @@ class Results:
         if not own and (v is None or any(self._checkpoints.get((*v.key4, seed)) != self._checkpoints[(*s.key4, seed)]
                                          for seed in self.values(s, protocol))):
             return False
-        applied = self._applied.get((s.model, s.noise, s.apply, s.site, protocol), False)
-        k = self.theory(s, protocol)[0]
+        applied, k = self._applied.get((*s.key4, protocol), False), self.theory(s, protocol)[0]
         return not applied or (s.kind in LINEAR_NOISE_KINDS and s.axis == "batch" and k == 1)
 
     @_memo
@@ -300,7 +299,7 @@ class Results:
 
     @_memo
     def verdicts(self) -> dict[tuple, Verdict]:
-        """Per (setting key, protocol): the family, the adjusted p-value and the verdict word (see the module's doc)."""
+        """Per (setting, protocol) tested against the vanilla model: the family, the adjusted p-value and the verdict word (see the module's doc)."""
         out, families = {}, {"primary": [], "other": []}
         for s, p in self.tested_changes():
             ch = self.change(s, p)

@@ -130,13 +130,14 @@ def family_text(r: Results) -> str:
     called = {f: sum(v.family == f and v.word in ("raised", "lowered") for v in verdicts) for f in results.FAMILIES}
     untested = sum(v.word == results.BY_CONSTRUCTION for v in verdicts)
     protocols = ", ".join(f"`{p}`" for p in results.PRIMARY_PROTOCOLS)
+    level = f"{stats.ALPHA * 100:g} %"
     return (f"**One family, one error rate.** The primary family is the paper's claims: the released recipe "
             f"(`{RELEASED_NOISE}`, noise at evaluation only, default site) under {protocols}, each against the "
             f"vanilla model under `clean`, per model: {size['primary']} tested contrasts here, whose family-wise "
-            f"error rate is held at {stats.ALPHA:.0%} by {stats.PRIMARY_ADJUSTMENT}'s step-down adjustment. The "
+            f"error rate is held at {level} by {stats.PRIMARY_ADJUSTMENT}'s step-down adjustment. The "
             f"other {size['other']} tested changes of `tables/changes` form the second family, whose false discovery "
-            f"rate is held at {stats.ALPHA:.0%} ({stats.OTHER_ADJUSTMENT}): of its 'raised' and 'lowered' words, "
-            f"about {stats.ALPHA:.0%} may be false. {untested} changes are zero by construction (the noise off on the "
+            f"rate is held at {level} ({stats.OTHER_ADJUSTMENT}): in expectation at most {level} of its 'raised' "
+            f"and 'lowered' words are false. {untested} changes are zero by construction (the noise off on the "
             "vanilla checkpoint, or a batch-axis linear noise at batch size 1) and are not tested. A verdict follows "
             "the adjusted p-value (`adjusted_pvalue` in `tables/changes`); the intervals are the unadjusted 95 % ones. "
             f"Verdicts of raised or lowered: {called['primary']} of {size['primary']} primary contrasts, "

@@ -47,7 +47,7 @@ VERDICT_RULE = (
     "seed) is as likely positive as negative; with single images as units it is McNemar's exact test. "
     "A setting is said to have raised (or lowered) top-1 accuracy only when that test rejects at 5 % "
     "after the adjustment for its family; otherwise the verdict is 'no evidence', and the minimum "
-    "detectable effect (80 % power at 5 %) says how large a change the test set and seeds could have seen. "
+    "detectable effect (80 % power at 5 %, before the family's adjustment) says how large a change the test set and seeds could have seen. "
     "The test treats the seeds' models as given (the images are its random part), while the interval also "
     "counts the seed-to-seed variation: where the seeds disagree, a verdict can stand beside an interval "
     "that reaches zero, meaning the change is there for these models and its size for another seed is "

@@ -227,6 +227,10 @@ def test_disagreeing_seeds_widen_the_interval():
     width = {k: iv.high - iv.low for k, iv in {"one": one, "agree": agreeing, "disagree": disagreeing}.items()}
     assert width["disagree"] > 2 * width["one"]
     assert width["agree"] == pytest.approx(width["one"])
+    # two seeds that disagree leave one degree of freedom for the seeds' variance: nearly nothing is known of
+    # a third seed, while the test (the seeds' models as given) keeps its power, and so its MDE
+    assert width["disagree"] > 10 * width["one"]
+    assert disagreeing.mde <= one.mde
 
 
 # --- coverage by simulation -----------------------------------------------------------------------

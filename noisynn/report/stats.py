@@ -49,7 +49,7 @@ VERDICT_RULE = (
     "after the adjustment for its family; otherwise the verdict is 'no evidence', and the minimum "
     "detectable effect (80 % power at 5 %, before the family's adjustment) says how large a change the test set and seeds could have seen. "
     "The test treats the seeds' models as given (the images are its random part), while the interval also "
-    "counts the seed-to-seed variation: where the seeds disagree, a verdict can stand beside an interval "
+    "counts the seed-to-seed variation, with the few degrees of freedom a few seeds give: where the seeds disagree, a verdict can stand beside an interval "
     "that reaches zero, meaning the change is there for these models and its size for another seed is "
     "uncertain."
 )
@@ -62,6 +62,8 @@ class Interval:
     ``n_units``: the distinct units of dependence (shared by the seeds, not counted once per seed;
     where the batches differ by seed, each seed's batches). ``n_effective``: the number of
     independent images the interval is worth (the images of all seeds over the design effect).
+    ``mde`` (a change only): the smallest change the test of a change detects with 80 % power at
+    1 − ``confidence`` (``change_interval``).
     """
 
     estimate: float
@@ -71,20 +73,11 @@ class Interval:
     n_units: int
     n_seeds: int
     n_effective: float
+    mde: float = float("nan")
 
     @property
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
-
-    @property
-    def mde(self) -> float:
-        """Smallest change detectable with 80 % power by a two-sided test at 1 − ``confidence``.
-
-        Normal approximation read off the interval itself, so that it follows the same design effect
-        and the same boundary rule: (z_{1−α/2} + z_{0.8}) · SE with SE = half-width / z_{1−α/2}.
-        """
-        z = sps.norm.ppf(1 - (1 - self.confidence) / 2)
-        return float((z + sps.norm.ppf(POWER)) * (self.high - self.low) / (2 * z))
 
 
 @dataclass(frozen=True)
@@ -176,8 +169,9 @@ class _Design:
         """The number of independent units when every unit's outcome is one draw: the boundary's effective n."""
         return int(self.unit.max(axis=1).min() + 1)
 
-    def variance_of_mean(self, x: np.ndarray) -> float:
-        """Var of the mean of x (S, n) over seeds and images, for crossed seeds × units (moment estimator).
+    def variance_of_mean(self, x: np.ndarray) -> tuple[float, float]:
+        """Var of the mean of x (S, n) over seeds and images, for crossed seeds × units (moment estimator),
+        as its two parts: (the units' term, the seeds' term).
 
         Shared units: with Z_su the unit sums of x − x̄, a_u their mean over seeds, b_s over units and
         r = Z − a − b, Var(ΣZ) = (SU)² [Σa²/(U(U−1)) + max(0, MS_seed − MS_residual)/(SU)], the unbiased
@@ -214,7 +208,7 @@ class _Design:
             v_batch = g / (g - 1) * float(by_batch @ by_batch)
             v_obs = z.size / (z.size - 1) * float((z * z).sum())
             within = max(v_image + v_batch - v_obs, v_image, v_batch)
-        return (within + self._seed_excess(cells)) / (s_count * n) ** 2
+        return within / (s_count * n) ** 2, self._seed_excess(cells) / (s_count * n) ** 2
 
     @staticmethod
     def _seed_excess(cells: np.ndarray) -> float:
@@ -227,14 +221,17 @@ class _Design:
         ms_residual = float((r * r).sum()) / ((n_u - 1) * (s_count - 1))
         return (s_count * n_u) ** 2 * max(0.0, ms_seed - ms_residual) / (n_u * s_count)
 
-    def n_effective(self, variance: float, iid_variance: float, confidence: float) -> float:
-        """Images over the design effect, n* = N · v_iid / v ≤ N, shrunk for the units' degrees of freedom
-        (Korn & Graubard 1998: × (z/t_{df})², df = units − 1); the number of units where v = 0 or v_iid = 0."""
-        n_obs = self.unit.size
+    def n_effective(self, parts: tuple[float, float], iid_variance: float, confidence: float) -> float:
+        """Images over the design effect, n* = N · v_iid / v ≤ N with v = v_units + v_seeds, shrunk for the
+        degrees of freedom (Korn & Graubard 1998: × (z/t_df)²), df by Satterthwaite from units − 1 and
+        seeds − 1, so that a seed term estimated from two seeds counts as the one degree of freedom it has;
+        the number of units where v = 0 or v_iid = 0."""
+        n_obs, variance = self.unit.size, sum(parts)
         if variance <= 0 or iid_variance <= 0:
             return float(self.fewest_units)
         tail = 1 - (1 - confidence) / 2
-        df = max(self.fewest_units - 1, 1)
+        dfs = (max(self.fewest_units - 1, 1), max(self.n_seeds - 1, 1))
+        df = variance ** 2 / sum(v ** 2 / d for v, d in zip(parts, dfs, strict=True))
         return min(float(n_obs), n_obs * iid_variance / variance) * (sps.norm.ppf(tail) / sps.t.ppf(tail, df)) ** 2
 
 
@@ -313,14 +310,28 @@ def change_interval(setting_correct_by_seed: list[np.ndarray], reference_correct
     x = d.astype(float)
     delta, up, down = float(x.mean()), float((d > 0).mean()), float((d < 0).mean())
     if identity and not d.any():
-        return Interval(0.0, 0.0, 0.0, confidence, design.n_units, design.n_seeds, float(d.size))
-    n_star = design.n_effective(design.variance_of_mean(x), (up + down - delta ** 2) / d.size, confidence)
-    (l_up, u_up), (l_down, u_down) = _wilson(up, n_star, confidence), _wilson(down, n_star, confidence)
+        return Interval(0.0, 0.0, 0.0, confidence, design.n_units, design.n_seeds, float(d.size), 0.0)
+    iid = (up + down - delta ** 2) / d.size
+    units_term, seeds_term = design.variance_of_mean(x)
+    n_star = design.n_effective((units_term, seeds_term), iid, confidence)
+    low, high = _newcombe(up, down, n_star, confidence)
+    # The test takes the seeds' models as given, so its power follows the units' term alone: the MDE is
+    # (z_{1−α/2} + z_{0.8})·SE, SE read off the interval without the seeds' term (same boundary rule).
+    n_test = design.n_effective((units_term, 0.0), iid, confidence)
+    test_low, test_high = _newcombe(up, down, n_test, confidence)
+    z = sps.norm.ppf(1 - (1 - confidence) / 2)
+    mde = (z + sps.norm.ppf(POWER)) * (test_high - test_low) / (2 * z)
+    return Interval(delta, low, high, confidence, design.n_units, design.n_seeds, float(n_star), float(mde))
+
+
+def _newcombe(up: float, down: float, n: float, confidence: float) -> tuple[float, float]:
+    """Newcombe's hybrid score interval of p₊ − p₋ at sample size n (MOVER on Wilson intervals, multinomial ρ)."""
+    (l_up, u_up), (l_down, u_down) = _wilson(up, n, confidence), _wilson(down, n, confidence)
     rho = -np.sqrt(up * down / ((1 - up) * (1 - down))) if 0 < up < 1 and 0 < down < 1 else 0.0
+    delta = up - down
     low = delta - np.sqrt(max(0.0, (up - l_up) ** 2 + (u_down - down) ** 2 - 2 * rho * (up - l_up) * (u_down - down)))
     high = delta + np.sqrt(max(0.0, (u_up - up) ** 2 + (down - l_down) ** 2 - 2 * rho * (u_up - up) * (down - l_down)))
-    return Interval(delta, max(-1.0, float(low)), min(1.0, float(high)), confidence, design.n_units, design.n_seeds,
-                    float(n_star))
+    return max(-1.0, float(low)), min(1.0, float(high))
 
 
 def sign_flip_test(setting_correct_by_seed: list[np.ndarray], reference_correct_by_seed: list[np.ndarray],

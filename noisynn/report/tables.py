@@ -176,7 +176,7 @@ def cells_table(r: Results) -> pd.DataFrame:
 def changes_table(r: Results) -> pd.DataFrame:
     """Per noisy setting and protocol: the change vs the vanilla model, its test, family, adjusted p and verdict.
 
-    ``mde``: the smallest change the test set and seeds could detect (80 % power at 5 %); ``improved`` /
+    ``mde``: the smallest change the test could detect (80 % power at 5 %, the seeds' models as given); ``improved`` /
     ``worsened``: images (over seeds) the setting alone / the reference alone gets right; ``adjusted_pvalue``:
     the test's p-value adjusted within its family (``adjustment``), which the verdict follows.
     """

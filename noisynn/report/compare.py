@@ -205,7 +205,7 @@ def _with_predictions(folder: Path):
     df = load_evaluations(table, datasets[0])
     named = [p for p in df["predictions"].unique() if p]
     # a results folder is results/<name> under its workflow's root, where the recorded paths start
-    for root in (folder.resolve().parents[1], Path.cwd()):
+    for root in (folder.resolve().parent.parent, Path.cwd()):
         if named and all((root / p).is_file() for p in named):
             df["predictions"] = [str(root / p) if p else "" for p in df["predictions"]]
             return Results(df)

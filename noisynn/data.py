@@ -81,14 +81,16 @@ class _ImageFiles(torch.utils.data.Dataset):
             raise UserError(f"image {path} cannot be read ({type(e).__name__}); fix or remove it, or prepare the "
                             "dataset with verify_images: true and on_bad_image: skip.") from None
         # the augmentation of a sample is a function of (seed, sample) alone: the same after a
-        # resume and for any number of workers; the caller's random streams are left untouched
-        # (timm's transforms draw from random, numpy and torch)
+        # resume and for any number of workers. timm's transforms draw from random, numpy and
+        # torch's CPU generator, so those three are seeded for the sample and given back as they
+        # were; torch.manual_seed is never called, as it would also reseed every CUDA generator
+        # (dropout, drop-path and a training noise drawn on the GPU) and leave them so.
         state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             sample_seed = (self.seed * 1_000_003 + i) % 2**32
             random.seed(sample_seed)
             np.random.seed(sample_seed)
-            torch.manual_seed(sample_seed)
+            torch.default_generator.manual_seed(sample_seed)
             out = self.transform(image)
         random.setstate(state)
         np.random.set_state(np_state)
@@ -124,6 +126,9 @@ class FolderSplit:
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=_quiet_worker,
+            # the loader draws its workers' base seed from this generator, not from the global one
+            # that dropout and the noise use (each sample's augmentation is seeded on its own)
+            generator=torch.Generator().manual_seed(seed),
         )
         yield from loader
 

@@ -437,6 +437,8 @@ def evaluate_group(
         "other_data": other_data,
         "checkpoint_data_fingerprint": trained_on,
         "checkpoint_train_args": meta.get("train_args"),
+        # k of the checkpoint's fine-tuning (each protocol's own k is its batch_size)
+        "checkpoint_noise_batch": meta.get("noise_batch"),
         "evaluations": evaluations,
         **provenance(seed),
     }

@@ -192,20 +192,27 @@ class Interrupted(Exception):
 
 
 @torch.no_grad()
-def validate(model, split, batch_size: int, device, order_seed: int | None = None, num_workers: int = 0) -> float:
+def validate(model, split, batch_size: int, device, order_seed: int | None = None, num_workers: int = 0,
+             dist: Distributed | None = None, amp: bool = False) -> float:
     """Top-1 accuracy on a split (sequential order, or shuffled from ``order_seed``), in batches of
     ``batch_size`` (what a noise on the batch axis mixes); up to 256 images share a forward call,
-    each batch noised alone (``inject.joined_batches``)."""
+    each batch noised alone (``inject.joined_batches``). Under torchrun each process takes whole
+    batches (``dist.shard``) and the counts are summed, as timm's validation reduces its metrics;
+    ``amp``: under bf16 autocast, as the training's forward passes."""
     model.eval()
     n = len(split)
     idx = np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
     batches = [idx[i : i + batch_size] for i in range(0, n, batch_size)]
+    if dist is not None:
+        batches = dist.shard(batches)
     calls = forward_calls(batches, 256)
     correct = 0
     for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
-        with joined_batches([len(b) for b in call]):
+        with joined_batches([len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x.to(device, non_blocking=True))
         correct += int((logits.argmax(-1).cpu() == y).sum())
+    if dist is not None:
+        correct = int(dist.sum([correct], device)[0])
     return correct / max(1, n)
 
 
@@ -385,20 +392,32 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
     return result
 
 
-def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out: Path, stop_after_steps, k: int) -> dict:
-    """The part of ``train`` that writes the run folder (rank 0 holds its lock meanwhile)."""
+def prepare_model(model, cfg: TrainConfig, spec: NoiseSpec, dist: Distributed, device: torch.device,
+                  sync_batchnorm: bool | None = None):
+    """(the model, what the optimizer steps run: the model or its DDP wrapper, the noise's handle).
+
+    Under torchrun on GPUs (``sync_batchnorm`` None) every BatchNorm becomes a SyncBatchNorm, one set
+    of statistics over the global batch. The conversion replaces those modules, so the noise is
+    hooked in afterwards: a hook on a BatchNorm (a site such as ``layer4.2.bn1``) would stay on the
+    replaced module and never fire.
+    """
+    if (dist.enabled and device.type == "cuda") if sync_batchnorm is None else sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     handle = None
     if spec.kind != "none":
         handle = inject(model, cfg.site, spec, at_train=cfg.apply == "train+eval", at_eval=True, seed=cfg.seed + dist.rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_model = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        if device.type == "cuda":  # SyncBatchNorm runs on GPUs only
-            # one set of BatchNorm statistics over the whole global batch, not per shard
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    return model, train_model, handle
+
+
+def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out: Path, stop_after_steps, k: int) -> dict:
+    """The part of ``train`` that writes the run folder (rank 0 holds its lock meanwhile)."""
+    model, train_model, handle = prepare_model(model, cfg, spec, dist, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     identity = resume.run_identity(asdict(cfg), cfg.init_checkpoint, data.fingerprint, dist.world)
     run = _Run(cfg, dist, device, model, train_model, optimizer, data, handle, out / "recovery", identity, StopFlag(),
@@ -432,11 +451,13 @@ def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out
                    "val_top1_clean": None, "val_top1_noisy": None, "epoch_seconds": round(time.time() - t0, 3)}
             if handle is not None:
                 handle.enabled = False
-            row["val_top1_clean"] = validate(model, data.val, 256, device, num_workers=cfg.num_workers)
+            use_amp = cfg.amp and device.type == "cuda"
+            row["val_top1_clean"] = validate(model, data.val, 256, device, num_workers=cfg.num_workers, dist=dist,
+                                             amp=use_amp)
             if handle is not None:
                 handle.enabled = True
                 row["val_top1_noisy"] = validate(model, data.val, cfg.eval_batch_size, device, order_seed=cfg.seed,
-                                                 num_workers=cfg.num_workers)
+                                                 num_workers=cfg.num_workers, dist=dist, amp=use_amp)
             rows.append(row)
             if dist.is_main:
                 print(f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "

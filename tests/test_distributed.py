@@ -126,6 +126,18 @@ def test_two_process_noise_mixes_exactly_the_declared_k_and_the_sidecar_records_
         assert any(not is_training for is_training, _ in seen), "the noisy validation ran too"
 
 
+@pytest.mark.slow
+def test_validation_sharded_over_two_processes_measures_what_one_process_measures(pretrained):
+    data, init = pretrained
+    script = str(Path(__file__).with_name("distributed_validate.py"))
+    one = json.loads(noisynn(str(data), str(init), script=script).strip().splitlines()[-1])
+    two = json.loads(noisynn(str(data), str(init), script=script, launcher=TORCHRUN_2).strip().splitlines()[-1])
+    assert (two["clean"], two["noisy"]) == (one["clean"], one["noisy"])
+    # each process ran its own whole test batches, twice over the split (clean, then noisy)
+    assert one["images"] == [2 * one["n"]]
+    assert sum(two["images"]) == 2 * two["n"] and min(two["images"]) > 0 and max(two["images"]) < 2 * two["n"]
+
+
 def test_a_world_size_that_would_change_k_is_refused_before_any_step(tmp_path, monkeypatch):
     from noisynn.train import TrainConfig, train
 

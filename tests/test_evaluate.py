@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from noisynn.data import load_dataset, released_metric
 from noisynn.data import test_batches as order_batches  # aliased: pytest would collect a test_* name
@@ -193,6 +194,9 @@ def test_checkpoint_on_images_of_another_size_is_refused(vit_run, tmp_path):
         ({"site": "blocks.9.attn"}, "blocks.3.attn"),  # the message lists the valid sites
         ({"protocols": ("clean", "sorted")}, "sorted"),
         ({"test_batch_size": 0}, "test_batch_size"),
+        ({"device": "gpu0"}, "--device"),
+        ({"amp": True, "amp_dtype": "float8"}, "--amp-dtype"),
+        *([] if torch.cuda.is_available() else [({"device": "cuda"}, "--device cpu")]),
     ],
 )
 def test_bad_evaluation_settings_are_user_errors(vit_run, digits_dir, kwargs, key):

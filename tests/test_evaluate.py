@@ -122,6 +122,8 @@ def test_results_hold_every_protocol_and_follow_from_the_predictions(vit_run, di
     result = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, test_batch_size=10)
     assert set(result["protocols"]) == set(PROTOCOLS)
     json.dumps({k: v for k, v in result.items() if k != "predictions"})  # the CLI writes it as JSON
+    # k of the checkpoint's training (its batch, one process), beside each protocol's own (batch_size)
+    assert result["checkpoint_noise_batch"] == vit_run.recipe["batch_size"]
     for name, r in result["protocols"].items():
         p = PROTOCOL_DEFS[name]
         order, batch_size, noise_on = p.order, p.batch_size, p.noise_on

@@ -127,6 +127,8 @@ def test_run_folder_contract(uninterrupted_finetune, vit_run, digits_dir):
     assert meta["versions"]["timm"] == timm.__version__
     assert meta["git_commit"] and meta["git_commit"] != "unknown"
     assert meta["train_args"]["noise"] == GAUSSIAN
+    # k: one process, noise_batch not declared, so each forward pass held the whole batch
+    assert meta["noise_batch"] == meta["train_args"]["batch_size"] and meta["train_args"]["noise_batch"] is None
     assert (out / "model.safetensors").is_file()
     assert not _temp_files(out)
 

@@ -68,8 +68,17 @@ def _cli(*args: str, log: Path) -> None:
 
     with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         code = main(list(args))
+    _release_workers()
     if code != 0:
         raise SystemExit(f"gpu_check: `noisynn {args[0]}` exited {code}; its output is in {log}")
+
+
+def _release_workers() -> None:
+    """End the DataLoader workers of the splits a step has finished with (a loader and its iterator
+    refer to each other, so only the cycle collector frees them), before the next step starts its own."""
+    import gc
+
+    gc.collect()
 
 
 def _image_folder(root: Path, classes: int, per_class: int, train_per_class: int, size: int) -> Path:
@@ -127,7 +136,10 @@ def _bare_loop(model_cfg: dict, data: Path, device: torch.device, passes: int, b
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 model(x.to(device, non_blocking=True)).float().argmax(-1).cpu()
     _sync(device)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    del test
+    _release_workers()
+    return seconds
 
 
 def _suffix_share(model_cfg: dict, site: str, size: int) -> float:

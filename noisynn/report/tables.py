@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from noisynn.entropy import delta_entropy_optimal
 from noisynn.io.atomic import atomic_path, atomic_write_text
 from noisynn.orders import SWEEP_ORDERS
 from noisynn.report.compare import CELLS_COLUMNS
@@ -27,11 +28,6 @@ PAPER_COLUMNS = ["claim_id", "model", "dataset", "resolution", "noise", "protoco
 SETTING = ["model", "noise", "apply", "site"]
 CHANGES_COLUMNS = [*SETTING, "protocol", "change", "ci_low", "ci_high", "n_seeds", "n_units",
                    "mcnemar_b", "mcnemar_c", "mcnemar_pvalue", "verdict", "batch_dependence", "transductive"]
-
-
-def delta_s_star(k) -> np.ndarray:
-    """The theory's entropy change of the optimal Q over a batch of k: ΔS*(k) = (k − 1)·ln(k + 1)."""
-    return (np.asarray(k, dtype=float) - 1) * np.log(np.asarray(k, dtype=float) + 1)
 
 
 def seed_mean(values: dict[int, float]) -> float:
@@ -225,7 +221,7 @@ def _sweep_rows(r: Results, experiment: str, variant: str | None = None):
 def batch_size_table(r: Results) -> pd.DataFrame:
     """Top-1 against the test batch size k per order: the noise, the pooling control, and ΔS*(k)."""
     rows = [[*key, order, int(k), _point_text(g, order=order, batch_size=k, variant="noise"),
-             _point_text(g, order=order, batch_size=k, variant="pooling_control"), f"{float(delta_s_star(k)):.4g}",
+             _point_text(g, order=order, batch_size=k, variant="pooling_control"), f"{delta_entropy_optimal(int(k)):.4g}",
              _n_seeds(g, order=order, batch_size=k)]
             for key, g in _sweep_rows(r, "batch_size") for order in SWEEP_ORDERS
             for k in sorted(set(g.loc[g["order"] == order, "batch_size"]))]

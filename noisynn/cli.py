@@ -117,7 +117,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--forward-batch-size", type=int, default=256,
                    help="images per forward call: consecutive test batches share a call, each still noised alone")
-    p.add_argument("--no-amp", action="store_true", help="evaluate in float32 on CUDA too (default: bf16 autocast)")
+    # timm's validate.py names; without --amp/--no-amp the autocast is on for CUDA only
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda where there is one)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast the forward passes to --amp-dtype (default: on CUDA only; --amp on the CPU too)")
+    p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
 
 
 def _add_aggregate(sub) -> None:
@@ -293,7 +297,8 @@ def _evaluate(args) -> int:
         protocols=tuple(p for p in args.protocols.split(",") if p),
         test_batch_size=args.test_batch_size, reported_metric=args.reported_metric, seed=args.seed,
         split=args.split, use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
-        forward_batch_size=args.forward_batch_size, amp=not args.no_amp, allow_other_data=args.allow_other_data,
+        forward_batch_size=args.forward_batch_size, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
+        allow_other_data=args.allow_other_data,
     )
     for _, path in outputs:  # a killed earlier run's half-written files
         remove_stale_temp_files(path.parent, [path.name])

@@ -123,6 +123,42 @@ def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None
             if problem:
                 raise UserError(f"{source}: key {section}.warmup_epochs: {problem}.")
     _check_grid(config, source)
+    _check_noise_batch(config, source)
+
+
+def processes(resources: dict) -> int:
+    """The processes a training job runs under torchrun: its GPUs, else its CPU processes, else one."""
+    return int(resources.get("gpu", 0) or 0) or int(resources.get("nproc", 1) or 1)
+
+
+def mixes_batch(noise: dict) -> bool:
+    """Whether a noise makes a sample's output depend on the other samples of its batch: a linear
+    noise on the batch axis (k = the batch it sees), or impulse noise (its max and min are the batch's)."""
+    kind, axis = noise.get("kind"), noise.get("axis")
+    return kind == "impulse" or (str(kind).startswith("linear") and (axis == "batch" or "batch" in (axis or [])))
+
+
+def noise_batch_problem(batch_size: int, noise_batch: int | None, world: int) -> str | None:
+    """Why ``world`` processes cannot give a batch-mixing training noise the k a training section
+    declares (``noise_batch``, by default ``batch_size``), or None.
+
+    Each process takes ``batch_size / world`` samples of every global batch and runs them in forward
+    passes of k samples (gradient accumulation when k is smaller), so k must divide that share.
+    """
+    k = noise_batch or batch_size
+    if batch_size % world:
+        return f"batch_size {batch_size} does not split evenly over {world} processes; use a multiple of {world}"
+    share = batch_size // world
+    if share % k == 0:
+        return None
+    declared = f"noise_batch {noise_batch}" if noise_batch else f"noise_batch (by default batch_size, {batch_size})"
+    fixes = [f"batch_size {k * world} ({k} per process)"]
+    if share > k:
+        fixes.append(f"a batch_size that is a multiple of {k * world} (each process then accumulates gradients "
+                     f"over forward passes of {k})")
+    fixes.append(f"noise_batch {share} if a noise mixing {share} samples is what you mean")
+    return (f"under {world} processes each forward pass would hold {share} of the {batch_size} samples, so a "
+            f"batch-axis noise would mix {share}, not the {k} of {declared}; set {', or '.join(fixes)}")
 
 
 def learning_rate(epoch: int, epochs: int, lr: float, min_lr: float, warmup_epochs: int, warmup_lr: float) -> float:
@@ -247,6 +283,24 @@ def _check_grid(config: dict, source: str) -> None:
         Grid(config)  # two settings one path token would name: refused here, not overwritten later
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+
+
+def _check_noise_batch(config: dict, source: str) -> None:
+    """A fine-tuning whose noise mixes the batch gets the k the config declares on every model's
+    processes (finetune.noise_batch, by default finetune.batch_size), or the run stops here."""
+    section = config.get("finetune")
+    if section is None:
+        return
+    trained = [e for e in config["noises"] if "train+eval" in e.get("apply", [])]
+    sweep = config.get("layer_sweep") or {}
+    for name, m in config["models"].items():
+        mixing = any(mixes_batch(e) for e in trained if name in (e.get("models") or config["models"]))
+        mixing = mixing or (sweep.get("apply") == "train+eval" and mixes_batch(sweep) and bool(m.get("layer_sweep_sites")))
+        world = processes(m.get("resources") or {})
+        problem = noise_batch_problem(section["batch_size"], section.get("noise_batch"), world) if mixing else None
+        if problem:
+            raise UserError(f"{source}: key finetune.noise_batch: model {name} trains on {world} processes "
+                            f"(models.{name}.resources); {problem}.")
 
 
 def load_config(path: Path, check_folders: bool = True) -> dict:

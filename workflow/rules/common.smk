@@ -17,6 +17,7 @@ from noisynn.pipeline.codedigest import (
 from noisynn.pipeline.config import (
     check_models_and_sites,
     job_environment,
+    processes,
     validate_config,
 )
 from noisynn.pipeline.grid import Grid
@@ -87,7 +88,7 @@ def launcher(resources):
     `exec`: Python replaces the job's shell, so a scheduler's SIGTERM (time limit, scancel)
     reaches it inside the job step, which then waits for the resume state to be saved.
     """
-    procs = int(resources.get("gpu", 0) or 0) or int(resources.get("nproc", 1) or 1)
+    procs = processes(resources)
     if procs > 1:
         return f"exec python -m torch.distributed.run --standalone --nproc_per_node={procs} -m noisynn"
     return "exec python -m noisynn"

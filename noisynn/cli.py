@@ -1,5 +1,5 @@
 """The ``noisynn`` command line: prepare, pretrain, finetune, import-weights, evaluate, the report
-steps, compare, entropy and sites.
+steps, compare, entropy, sites, cost and probe.
 
 User mistakes exit with status 2 and one sentence on stderr; an interrupted training exits 143
 after saving its resume state. Each verb has its parser function (``_add_<verb>``) and its handler,
@@ -168,11 +168,21 @@ def _add_cost(sub) -> None:
                         "(model,infer_img_size,infer_samples_per_sec), e.g. config/throughput-rtx4090.csv")
 
 
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="does a prediction depend on the other images of its batch? (exit 0: no, 1: yes)")
+    p.add_argument("--model", type=_json_arg("--model"), help="a model config as JSON (random weights), or with --checkpoint its expected model")
+    p.add_argument("--checkpoint", type=Path, help="a noisynn checkpoint (model.safetensors with its sidecar)")
+    p.add_argument("--noise", type=_json_arg("--noise"), help='a noise as JSON, e.g. {"kind": "linear-optimal", "axis": "batch"}')
+    p.add_argument("--site", help="where the noise goes (`noisynn sites` lists them)")
+    p.add_argument("--train-mode", action="store_true", help="probe the model in train mode (BatchNorm on batch statistics, dropout)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prepare, _add_training, _add_import_weights, _add_evaluate, _add_aggregate, _add_report,
-                _add_compare, _add_entropy, _add_sites, _add_cost):
+                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe):
         add(sub)
     return parser
 
@@ -376,9 +386,35 @@ def _cost(args) -> int:
     return 0
 
 
+def _probe(args) -> int:
+    from noisynn.inject import _example_input, inject
+    from noisynn.models import build_model, check_model_config, load_checkpoint
+    from noisynn.noise import NoiseSpec
+    from noisynn.probe import probe
+
+    if args.model is None and args.checkpoint is None:
+        raise UserError("probe needs --model (a model config as JSON) or --checkpoint (a noisynn checkpoint).")
+    if args.batch_size < 2:
+        raise UserError(f"probe --batch-size must be at least 2 (one image replaced, the others watched); got {args.batch_size}.")
+    if (args.noise is None) != (args.site is None):
+        raise UserError("probe takes --noise and --site together (a noise and where it goes).")
+    if args.checkpoint is not None:
+        model, _ = load_checkpoint(args.checkpoint, expect_model=(args.model or {}).get("timm_name"))
+    else:
+        check_model_config(args.model, "--model", strict=True)
+        kwargs = args.model.get("kwargs") or {}
+        model = build_model(args.model, kwargs.get("num_classes", 10), kwargs.get("in_chans", 3))
+    handles = []
+    if args.noise is not None:
+        handles.append(inject(model, args.site, NoiseSpec.from_dict(args.noise), at_train=True, at_eval=True))
+    result = probe(model.eval(), tuple(_example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
+    print(result.sentence())
+    return 0 if result.batch_independent else 1
+
+
 HANDLERS = {"prepare": _prepare, "pretrain": _train, "finetune": _train, "import-weights": _import_weights,
             "evaluate": _evaluate, "aggregate": _aggregate, "report": _report, "compare": _compare,
-            "entropy": _entropy, "sites": _sites, "cost": _cost}
+            "entropy": _entropy, "sites": _sites, "cost": _cost, "probe": _probe}
 
 
 def _run(args) -> int:

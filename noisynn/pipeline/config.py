@@ -92,17 +92,33 @@ def validate_config(config: dict, source: str = "the config", check_folders: boo
 
     ``check_folders`` False leaves out whether an ImageFolder root exists (for estimates made
     before the data is at hand, ``noisynn cost``)."""
-    import jsonschema
-
     schema = yaml.safe_load(SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
-    if errors:
-        e = _deepest(errors[0])
-        raise UserError(f"{source}: key {_key_path(e)}: {_describe(e)}.")
+    check_against_schema(config, schema, source)
     config = _apply_defaults(schema, copy.deepcopy(config), schema)
     _cross_checks(config, source, check_folders)
     return config
+
+
+def check_against_schema(doc, schema: dict, source: str) -> None:
+    """Refuse ``doc`` if it breaks ``schema``, in one sentence naming ``source`` and the key."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc),
+                    key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        e = _deepest(errors[0])
+        raise UserError(f"{source}: key {_key_path(e)}: {_describe(e)}.")
+
+
+def read_yaml(path: Path, what: str):
+    """The content of a YAML file, or one sentence saying that ``what`` (e.g. "config file") is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
 
 
 def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None:
@@ -251,14 +267,7 @@ def _check_grid(config: dict, source: str) -> None:
 
 
 def load_config(path: Path, check_folders: bool = True) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
-    return validate_config(data or {}, str(path), check_folders)
+    return validate_config(read_yaml(path, "config file") or {}, str(path), check_folders)
 
 
 def dataset_geometry(ds: dict, model: dict, num_classes: int | None = None) -> dict:

@@ -159,10 +159,12 @@ def model_reported_metric(wildcards):
 
 
 def describe_dataset(d):
-    size = {
-        "imagefolder": f"ImageFolder {d['root']}",
-        "list": f"lists {d.get('train_list')} and {d.get('test_list')}",
-    }.get(d["kind"], f"{d['image_size']} px")
+    if d["kind"] == "imagefolder":
+        size = f"ImageFolder {d['root']}"
+    elif d["kind"] == "list":
+        size = f"lists {d['train_list']} and {d['test_list']}"
+    else:
+        size = f"{d['image_size']} px"
     return f"{d['name']} ({d['kind']}, {size})"
 
 

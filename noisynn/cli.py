@@ -1,5 +1,5 @@
 """The ``noisynn`` command line: prepare, pretrain, finetune, import-weights, evaluate, the report
-steps, compare, entropy, sites, cost, probe, batches and claims.
+steps, compare, entropy, sites, cost, probe, batches, claims and selection.
 
 User mistakes exit with status 2 and one sentence on stderr; an interrupted training exits 143
 after saving its resume state. Each verb has its parser function (``_add_<verb>``) and its handler,
@@ -195,11 +195,16 @@ def _add_claims(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("results/CLAIMS.md"))
 
 
+def _add_selection(sub) -> None:
+    p = sub.add_parser("selection", help="what choosing the best epoch on the test set adds (runs trained with monitor_test)")
+    p.add_argument("runs", nargs="+", type=Path, help="training run folders (each holds selection/epoch_*.npz)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prepare, _add_training, _add_import_weights, _add_evaluate, _add_aggregate, _add_report,
-                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe, _add_batches, _add_claims):
+                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe, _add_batches, _add_claims, _add_selection):
         add(sub)
     return parser
 
@@ -452,10 +457,22 @@ def _claims(args) -> int:
     return 0
 
 
+def _selection(args) -> int:
+    from noisynn.report.selection import model_selection, read_epochs, selection_table
+
+    runs = {}
+    for run in args.runs:
+        r = read_epochs(run)
+        runs[str(run)] = model_selection(r["val"], r["test"], r["test_batch"])
+    print(selection_table(runs))
+    return 0
+
+
 HANDLERS = {"prepare": _prepare, "pretrain": _train, "finetune": _train, "import-weights": _import_weights,
             "evaluate": _evaluate, "aggregate": _aggregate, "report": _report, "compare": _compare,
             "entropy": _entropy, "sites": _sites, "cost": _cost, "probe": _probe,
-            "batches": _batches, "claims": _claims}
+            "batches": _batches, "claims": _claims,
+            "selection": _selection}
 
 
 def _run(args) -> int:

@@ -87,6 +87,22 @@ def test_claims_md_shows_our_intervals_or_the_command_that_makes_them(tmp_path):
     assert "not run yet; `snakemake --configfile config/interlude-mnist.yaml --cores all`" in text
 
 
+def test_claims_md_gives_the_optimism_of_fftat_style_selection(tmp_path):
+    import numpy as np
+
+    fftat = next(c for c in load_claims(LEDGER, PAPER) if c["id"] == "fftat_office_home_average")
+    assert "not run yet" in claims_markdown([fftat], tmp_path).split("Model selection on the test set")[1]
+    run = tmp_path / fftat["ours"]["selection"].replace("*", "0") / "selection"
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for epoch, p in enumerate((0.5, 0.8, 0.6), start=1):  # val picks epoch 1; the test set, epoch 2
+        np.savez(run / f"epoch_{epoch:04d}.npz", val_correct=rng.random(100) < (0.9 if epoch == 1 else 0.4),
+                 test_correct=rng.random(320) < p, test_batch=np.arange(320) // 16)
+    text = claims_markdown([fftat], tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| results/fftat-digits"))
+    assert "| 3 |" in row and "(2) |" in row and "(1) |" in row
+
+
 def test_the_claims_report_needs_no_torch():
     code = "import sys, noisynn.report.claims, noisynn.report.selection; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

@@ -1,6 +1,6 @@
 """The configs of the NoisyNN family's recipes (config/claims.yaml names them) dry-run.
 
-The embedded-data recipes (NoisyViT_Food's and InterLUDE's on MNIST-5k) plan the jobs their headers
+The embedded-data recipes (NoisyViT_Food's and InterLUDE's on MNIST-5k, FFTAT's from MNIST-5k to digits) plan the jobs their headers
 describe; the cluster-scale ones (Food-101 as an ImageFolder with train/ and test/, Office-Home as
 FFTAT's list files with ./data/office-home/images/ paths, ImageNetV2 with four-digit class folders
 under val/) plan theirs against generated data of that shape.
@@ -34,6 +34,9 @@ def _dry(repo, config, *overrides) -> dict[str, int]:
     ("config/noisyvit-food-mnist.yaml", {"prepare_data": 1, "pretrain": 1, "finetune": 2, "evaluate": 2}),
     # one ResNet: vanilla and shift-trained fine-tunings, each evaluated, 2 seeds
     ("config/interlude-mnist.yaml", {"prepare_data": 1, "pretrain": 1, "finetune": 4, "evaluate": 4}),
+    # pretraining on the source (its own prepare job), vanilla and operator-trained fine-tunings on the target
+    ("config/fftat-digits.yaml", {"prepare_data": 1, "prepare_pretrain_data": 1, "pretrain": 1, "finetune": 4,
+                                  "evaluate": 4}),
 ])
 def test_embedded_recipes_dry_run(repo_copy, config, counts):
     got = _dry(repo_copy, config)

@@ -116,6 +116,21 @@ def summary_table(claims: list[dict], repo: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _selection_text(ours: dict, repo: Path) -> str:
+    """The model-selection table of the run folders ``ours.selection`` names, or how to make them."""
+    from noisynn.report.selection import model_selection, read_epochs, selection_table
+
+    runs = sorted(p for p in repo.glob(ours["selection"]) if (p / "selection").is_dir())
+    if not runs:
+        return f"**Model selection on the test set:** not run yet; `{ours['command']}` records it."
+    results = {}
+    for run in runs:
+        r = read_epochs(run)
+        results[str(run.relative_to(repo))] = model_selection(r["val"], r["test"], r["test_batch"])
+    return ("**Model selection on the test set** (top-1 %, the test split scored after every epoch; the optimism is "
+            "best-on-test minus validation-selected):\n\n" + selection_table(results))
+
+
 def claims_markdown(claims: list[dict], repo: Path) -> str:
     lines = [
         "# The NoisyNN family: public claims beside our audit",
@@ -153,6 +168,8 @@ def claims_markdown(claims: list[dict], repo: Path) -> str:
         else:
             lines += [f"**Ours ({c['ours']['scale']}):** {what} (`{c['ours']['command']}`).", "",
                       to_markdown(ours).rstrip(), ""]
+        if "selection" in c["ours"]:
+            lines += [_selection_text(c["ours"], Path(repo)), ""]
         full = c["full_scale"]
         lines += [f"**At the claim's scale:** needs {full['needs']}"
                   + (f"; `{full['command']}`." if full["command"] else "; no config here runs it."), ""]

@@ -118,3 +118,10 @@ def test_probe_mistakes_are_one_sentence(capsys):
     assert "probe needs --model" in capsys.readouterr().err
     assert main(["probe", "--model", json_dumps(RESNET), "--site", "layer3.0"]) == 2
     assert "--noise and --site together" in capsys.readouterr().err
+
+
+def test_a_trained_checkpoint_with_the_released_noise_mixes_at_its_site(resnet_run, capsys):
+    noise = '{"kind": "linear-shift", "alpha": 0.3, "axis": "batch", "neighbour": "next"}'
+    assert main(["probe", "--checkpoint", str(resnet_run.checkpoint), "--noise", noise, "--site", resnet_run.last_site]) == 1
+    assert capsys.readouterr().out.startswith(f"mixes the batch at {resnet_run.last_site} (input)")
+    assert main(["probe", "--checkpoint", str(resnet_run.checkpoint)]) == 0

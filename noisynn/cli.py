@@ -134,7 +134,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="tables, figures, SUMMARY.md and metrics.json from the tidy CSVs")
     p.add_argument("--evaluations", required=True, type=Path)
     p.add_argument("--sweeps", required=True, type=Path)
-    p.add_argument("--paper", required=True, type=Path, help="config/paper_results.csv")
+    p.add_argument("--paper", type=Path, help="config/paper_results.csv (needed for the summary, not for a figure)")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--dataset", required=True)
     p.add_argument("--only", default=None, help="write one part of the report only: summary or a figure's name")

@@ -264,6 +264,12 @@ def _check_grid(config: dict, source: str) -> None:
         for key in ("neighbour", "detach"):
             if key in entry and not entry["kind"].startswith("linear"):
                 raise UserError(f"{source}: key noises.{i}.{key}: only the linear noises take {key}; kind is {entry['kind']}.")
+    from noisynn.pipeline.grid import Grid
+
+    try:
+        Grid(config)  # two settings one path token would name: refused here, not overwritten later
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 def load_config(path: Path, check_folders: bool = True) -> dict:

@@ -42,7 +42,7 @@ def declared_files(only: str | None = None) -> list[str]:
     return files
 
 
-def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path, out_dir: Path, dataset: str,
+def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path | None, out_dir: Path, dataset: str,
                 only: str | None = None, stages: dict | None = None) -> None:
     """Write every table, figure, SUMMARY.md and metrics.json of one dataset (or the group ``only``).
 
@@ -50,6 +50,8 @@ def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path,
     """
     if only is not None and only not in GROUPS:
         raise UserError(f"--only must name one output group of the report ({', '.join(GROUPS)}); got {only!r}.")
+    if only in (None, "summary") and paper_csv is None:
+        raise UserError("report needs --paper (config/paper_results.csv) to write the summary and its tables.")
     out_dir = Path(out_dir)
     sweeps = None if sweeps_csv is None else load_sweeps(Path(sweeps_csv), dataset)
     r = Results(load_evaluations(Path(evaluations_csv), dataset), sweeps)

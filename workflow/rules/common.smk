@@ -8,7 +8,12 @@ REPO = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(REPO))
 
 from noisynn.errors import UserError
-from noisynn.pipeline.codedigest import step_digest
+from noisynn.pipeline.codedigest import (
+    figure_digest,
+    figures,
+    step_digest,
+    summary_digest,
+)
 from noisynn.pipeline.config import (
     check_models_and_sites,
     job_environment,
@@ -96,6 +101,16 @@ def training_json(section):
 def code_digest(step, with_noise=True):
     """The digest of the code a step's jobs run: a param, so a code change reruns them."""
     return step_digest(step, with_noise)
+
+
+def figure_code_digest(figure):
+    """The digest of the code that draws one figure (the report's, with only that figure's plotting code)."""
+    return figure_digest(figure)
+
+
+def summary_code_digest():
+    """The digest of the code that writes the summary and the tables (the report's, without the plots)."""
+    return summary_digest()
 
 
 def model_resources(model, key, default):

@@ -178,7 +178,7 @@ def _add_probe(sub) -> None:
     p.add_argument("--noise", type=_json_arg("--noise"), help='a noise as JSON, e.g. {"kind": "linear-optimal", "axis": "batch"}')
     p.add_argument("--site", help="where the noise goes (`noisynn sites` lists them)")
     p.add_argument("--train-mode", action="store_true", help="probe the model in train mode (BatchNorm on batch statistics, dropout)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4, help="images in the probe's batch; each is replaced in turn (batch-size + 1 forward passes)")
 
 
 def _add_batches(sub) -> None:

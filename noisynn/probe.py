@@ -69,28 +69,43 @@ def _first(x):
 
 
 class _Recorder:
-    """Every module's first input and its output, in the order the forward pass reaches them."""
+    """Every module's first input and its output, in the order the forward pass reaches them.
+
+    The reference pass keeps them (``reference``); a later pass compares each with the reference as
+    it comes, for the images in ``keep``, and remembers only the first that differs (``first``), so
+    the probe holds the activations of one pass, not of one per image."""
 
     def __init__(self, model: nn.Module, batch_size: int):
         self.batch_size = batch_size
-        self.events: list[tuple[str, torch.Tensor | None]] = []
+        self.reference: list[tuple[str, torch.Tensor | None]] | None = None
+        self.keep: list[int] = []
+        self.at = 0
+        self.first: tuple[int, str] | None = None
         self.handles = []
         for name, m in model.named_modules():
             if not name:
                 continue
             # registered after any noise hook, so the recorded input is the noised one
-            self.handles.append(m.register_forward_pre_hook(self._pre(name)))
-            self.handles.append(m.register_forward_hook(self._post(name)))
+            self.handles.append(m.register_forward_pre_hook(lambda mod, args, n=f"{name} (input)": self._event(n, args)))
+            self.handles.append(m.register_forward_hook(lambda mod, args, out, n=name: self._event(n, out)))
 
-    def _pre(self, name):
-        def hook(module, args):
-            self.events.append((f"{name} (input)", _rows(_first(args), self.batch_size)))
-        return hook
+    def start(self, keep: list[int] | None) -> None:
+        """A reference pass (``keep`` None) or a pass compared with it on the images ``keep``."""
+        if keep is None:
+            self.reference = []
+        self.keep, self.at, self.first = keep or [], 0, None
 
-    def _post(self, name):
-        def hook(module, args, output):
-            self.events.append((name, _rows(_first(output), self.batch_size)))
-        return hook
+    def _event(self, name: str, value) -> None:
+        rows = _rows(_first(value), self.batch_size)
+        if not self.keep:
+            # a copy: an in-place operation later in the pass (ReLU(inplace=True)) would change the original
+            self.reference.append((name, None if rows is None else rows.clone()))
+            return
+        if self.first is None and self.at < len(self.reference):
+            ref = self.reference[self.at][1]
+            if ref is not None and rows is not None and ref.shape == rows.shape and not _close(ref[self.keep], rows[self.keep]):
+                self.first = (self.at, name)
+        self.at += 1
 
     def remove(self):
         for h in self.handles:
@@ -103,7 +118,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 8, train_mode: bool = False,
+def probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 4, train_mode: bool = False,
           injections=(), seed: int = 0) -> ProbeResult:
     """Probe ``model`` (in train or eval mode) on random images of ``input_size`` (C, H, W).
 
@@ -120,39 +135,35 @@ def probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 
     modes = {m: m.training for m in model.modules()}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     recorder = _Recorder(model, batch_size)
-    runs = []
+    max_change, first, reference = 0.0, None, None
     try:
         model.train(train_mode)
         # the batch as drawn, then with each image replaced in turn: a dependence through one image
         # only (the batch's largest value, as the impulse noise takes it) is found too
         for j in range(-1, batch_size):
             images = batch.clone()
+            keep = None
             if j >= 0:
                 images[j] = replacements[j]
+                keep = [i for i in range(batch_size) if i != j]
             model.load_state_dict(state)
             for h in injections:
                 h.reseed(seed)
-            recorder.events = []
+            recorder.start(keep)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
                 logits = _first(model(images.to(device))).float().cpu()
-            runs.append((logits, recorder.events))
+            if keep is None:
+                reference = logits
+                continue
+            scale = max(float(reference.abs().max()), 1e-12)
+            max_change = max(max_change, float((reference[keep] - logits[keep]).abs().max()) / scale)
+            if recorder.first is not None and (first is None or recorder.first[0] < first[0]):
+                first = recorder.first
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v.detach().to(state[k].device), state[k])]
     finally:
         recorder.remove()
         model.load_state_dict(state)
         for m, mode in modes.items():
             m.training = mode
-    (reference, ref_events), trials = runs[0], runs[1:]
-    scale = max(float(reference.abs().max()), 1e-12)
-    max_change, first = 0.0, None
-    for j, (logits, events) in enumerate(trials):
-        keep = [i for i in range(batch_size) if i != j]
-        max_change = max(max_change, float((reference[keep] - logits[keep]).abs().max()) / scale)
-        for at, ((name, a), (_, b)) in enumerate(zip(ref_events, events)):
-            if first is not None and at >= first[0]:
-                break
-            if a is not None and b is not None and a.shape == b.shape and not _close(a[keep], b[keep]):
-                first = (at, name)
-                break
     return ProbeResult(batch_size, max_change, first[1] if first else None, changed)

@@ -230,6 +230,9 @@ def _prepare(args) -> int:
             raise UserError("prepare --kind list needs --root, --train-list and --test-list.")
         m = prepare_list(args.out, args.root, args.train_list, args.test_list, args.image_size, args.hash_mode,
                          not args.no_verify_images, args.name)
+        if not m["test_listed_in_class_order"]:
+            print(f"noisynn: note: {args.test_list} is not sorted by class, so the released protocol (class-sorted "
+                  "test batches) does not read it in its own order")
     else:
         if args.root is None:
             raise UserError("prepare --kind imagefolder needs --root (the folder holding train/ and val/).")

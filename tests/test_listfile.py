@@ -89,6 +89,7 @@ def test_a_prepared_list_is_read_in_its_order_with_its_labels(tmp_path, capsys):
     out = tmp_path / "data"
     assert main(["prepare", "--kind", "list", "--root", str(root), "--train-list", str(train), "--test-list", str(test),
                  "--out", str(out), "--image-size", "8", "--name", "toy"]) == 0
+    assert "is not sorted by class" in capsys.readouterr().out
     data = load_dataset(out, {"timm_name": "resnet18"}, train_augment=False, splits=("val",))
     assert data.test.labels.tolist() == test_labels and data.num_classes == 3
     assert [p for p, _ in data.test.dataset.samples] == [str(root / rel) for rel, _ in read_list(test)]

@@ -81,7 +81,8 @@ def test_claims_md_shows_our_intervals_or_the_command_that_makes_them(tmp_path):
     pd.DataFrame([{**cell, "protocol": "released", "change": 0.15, "ci_low": 0.1, "ci_high": 0.2, "verdict": "raised"}]
                  ).to_csv(tables / "changes.csv", index=False)
     text = claims_markdown(claims, tmp_path)
-    assert "| 90.0 [88.0, 92.0] | 75.0 [73.0, 77.0] | raised: 15.0 [10.0, 20.0] |" in text
+    assert ("| 90.0 [88.0, 92.0] | 75.0 [73.0, 77.0] | raised: 15.0 [10.0, 20.0] | raised only through the test batch: "
+            "not at batch size 1 |") in text
     assert "github.com/Tonmoy-Ghosh/NoisyViT_Food @2584c4d, README.md line 60" in text
     # InterLUDE's run is not in tmp_path: its section says how to make it
     assert "not run yet; `snakemake --configfile config/interlude-mnist.yaml --cores all`" in text

@@ -96,6 +96,19 @@ def _claimed(c: dict) -> str:
     return f"{c['value']:g} {_METRIC_WORDS[c['metric']]}"
 
 
+def verdict(by_protocol: dict) -> str:
+    """One phrase: whether the noise raises top-1 under the released protocol, and whether it still
+    does at batch size 1 (where each of these operators is the identity)."""
+    released, single = by_protocol.get("released", {}).get("verdict"), by_protocol.get("batch1", {}).get("verdict")
+    if released is None:
+        return "not run yet"
+    if released != "raised":
+        return f"not raised as released ({released})"
+    if single == "raised":
+        return "raised as released and at batch size 1"
+    return "raised only through the test batch: not at batch size 1"
+
+
 def summary_table(claims: list[dict], repo: Path) -> pd.DataFrame:
     """One row per claim: the claim, the recipe's batch facts, our released and batch-1 top-1."""
     rows = []
@@ -111,6 +124,7 @@ def summary_table(claims: list[dict], repo: Path) -> pd.DataFrame:
             "ours: batch 1": got.get("batch1", {}).get("top-1 % [95 % CI]", "not run yet"),
             "released vs vanilla": (f"{released['verdict']}: {released['change vs vanilla, points [95 % CI]']}"
                                     if "verdict" in released else "not run yet"),
+            "our verdict": verdict(got),
             "our run": c["ours"]["results"],
         })
     return pd.DataFrame(rows)

@@ -143,7 +143,8 @@ def _add_report(sub) -> None:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="does a regeneration agree with a reference? (cells within the reference's intervals)")
+    p = sub.add_parser("compare", help="does a regeneration agree with a reference? (same seeds: within the "
+                       "floating-point drift; other seeds: within both intervals; paired where predictions exist)")
     p.add_argument("reference", type=Path, help="a results folder or its tables/cells.csv")
     p.add_argument("new", type=Path, help="a results folder or its tables/cells.csv")
 

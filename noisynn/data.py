@@ -1,12 +1,14 @@
 """Datasets, their fingerprints, and the test orders the evaluation protocols use.
 
-Two sources:
+Three sources:
 
 * ``digits``: scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes, no download),
   split deterministically (stratified) from a seed and materialized once as ``digits.npz`` plus a
   ``manifest.json`` with per-sample hashes, so every later job sees one fingerprint;
 * ``imagefolder``: any torchvision ImageFolder layout (ImageNet, TinyImageNet) at a path, with
-  timm's transforms and a manifest (class → count, file hashes) that training checks against.
+  timm's transforms and a manifest (class → count, file hashes) that training checks against;
+* ``list``: images named by list files (``<path> <label>`` lines), kept in the list's order
+  (noisynn/listfile.py), read like an image folder.
 
 What ``prepare`` recorded is checked where the files are read again (``load_dataset``): the
 manifest's keys and types, the arrays of ``digits.npz`` (dtypes, shapes, label and index ranges,
@@ -35,6 +37,8 @@ EMBEDDED_KINDS = ("digits", "mnist", "arrays")
 # what every manifest holds, and what each kind adds (key → expected type)
 _MANIFEST_KEYS = {"kind": str, "num_classes": int, "classes": list, "image_size": int, "fingerprint": str}
 _FOLDER_KEYS = {"root": str, "train_dir": str, "val_dir": str, "files": dict}
+_LIST_KEYS = {"root": str, "lists": dict, "files": dict, "labels": dict}  # kind list: noisynn/listfile.py
+FILE_KINDS = {"imagefolder": _FOLDER_KEYS, "list": _LIST_KEYS}
 
 
 # --- splits ------------------------------------------------------------------------------------
@@ -431,10 +435,10 @@ def read_manifest(data_dir: Path) -> dict:
         raise UserError(f"dataset manifest {path} holds a JSON {type(manifest).__name__}; expected the object "
                         "`noisynn prepare` writes. Prepare the dataset again.")
     kind = manifest.get("kind")
-    if kind not in (*EMBEDDED_KINDS, "imagefolder"):
-        raise UserError(f"dataset manifest {path}: key kind must be one of {', '.join((*EMBEDDED_KINDS, 'imagefolder'))}; "
+    if kind not in (*EMBEDDED_KINDS, *FILE_KINDS):
+        raise UserError(f"dataset manifest {path}: key kind must be one of {', '.join((*EMBEDDED_KINDS, *FILE_KINDS))}; "
                         f"got {kind!r}. Prepare the dataset again.")
-    wanted = {**_MANIFEST_KEYS, **(_FOLDER_KEYS if kind == "imagefolder" else {})}
+    wanted = {**_MANIFEST_KEYS, **FILE_KINDS.get(kind, {})}
     for key, typ in wanted.items():
         if key not in manifest:
             raise UserError(f"dataset manifest {path} lacks key {key}; prepare the dataset again.")
@@ -448,7 +452,7 @@ def read_manifest(data_dir: Path) -> dict:
     if len(manifest["classes"]) != manifest["num_classes"]:
         raise UserError(f"dataset manifest {path}: key classes lists {len(manifest['classes'])} classes but "
                         f"num_classes is {manifest['num_classes']}; prepare the dataset again.")
-    if kind == "imagefolder":
+    if kind in FILE_KINDS:
         for split in ("train", "val"):
             if not isinstance(manifest["files"].get(split), dict):
                 raise UserError(f"dataset manifest {path}: key files.{split} must map each image to its hash; "
@@ -598,11 +602,16 @@ def _load_folder_dataset(manifest: dict, model_cfg: dict, train_augment: bool, s
         transforms.Normalize(mean, std),
     ])
     out = {}
-    for split, sub in (("train", manifest["train_dir"]), ("val", manifest["val_dir"])):
+    for split, sub in (("train", manifest.get("train_dir")), ("val", manifest.get("val_dir"))):
         if split not in splits:
             continue
         files = manifest["files"][split]
         check_image_files(manifest, split)
+        if manifest["kind"] == "list":  # the list's own order and labels
+            from noisynn.listfile import list_samples
+
+            out[split] = FolderSplit(train_tf if split == "train" else test_tf, list_samples(manifest, split))
+            continue
         samples = []
         for rel in files:
             try:

@@ -95,6 +95,7 @@ class TrainConfig:
     noise: dict = field(default_factory=lambda: {"kind": "none"})
     site: str | None = None
     apply: str = "train+eval"  # eval: the noise in validation only; train+eval: in training too
+    monitor_test: bool = _DEFAULTS["monitor_test"]  # also score the test split after every epoch (record_epoch)
     amp: bool = True  # bf16 autocast, CUDA only
 
     @classmethod
@@ -192,28 +193,58 @@ class Interrupted(Exception):
 
 
 @torch.no_grad()
+def correct_per_image(model, split, batches: list[np.ndarray], device, num_workers: int = 0,
+                      amp: bool = False) -> np.ndarray:
+    """Whether each image of a split is classified correctly when cut into ``batches`` (what a noise
+    on the batch axis mixes; images in no batch count as wrong); up to 256 images share a forward
+    call, each batch noised alone (``inject.joined_batches``); ``amp``: under bf16 autocast."""
+    model.eval()
+    hits = np.zeros(len(split), dtype=bool)
+    calls = forward_calls(batches, 256)
+    for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
+        with joined_batches([len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.to(device, non_blocking=True))
+        hits[np.concatenate(call)] = (logits.argmax(-1).cpu() == y).numpy()
+    return hits
+
+
+@torch.no_grad()
 def validate(model, split, batch_size: int, device, order_seed: int | None = None, num_workers: int = 0,
              dist: Distributed | None = None, amp: bool = False) -> float:
     """Top-1 accuracy on a split (sequential order, or shuffled from ``order_seed``), in batches of
-    ``batch_size`` (what a noise on the batch axis mixes); up to 256 images share a forward call,
-    each batch noised alone (``inject.joined_batches``). Under torchrun each process takes whole
-    batches (``dist.shard``) and the counts are summed, as timm's validation reduces its metrics;
-    ``amp``: under bf16 autocast, as the training's forward passes."""
-    model.eval()
+    ``batch_size``. Under torchrun each process takes whole batches (``dist.shard``) and the counts
+    are summed, as timm's validation reduces its metrics; ``amp``: under bf16 autocast, as the
+    training's forward passes."""
     n = len(split)
     idx = np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
     batches = [idx[i : i + batch_size] for i in range(0, n, batch_size)]
     if dist is not None:
         batches = dist.shard(batches)
-    calls = forward_calls(batches, 256)
-    correct = 0
-    for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
-        with joined_batches([len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x.to(device, non_blocking=True))
-        correct += int((logits.argmax(-1).cpu() == y).sum())
+    correct = int(correct_per_image(model, split, batches, device, num_workers, amp).sum())
     if dist is not None:
         correct = int(dist.sum([correct], device)[0])
     return correct / max(1, n)
+
+
+def record_epoch(folder: Path, epoch: int, model, data, batch_size: int, device, num_workers: int) -> None:
+    """For measuring model selection on the test set (``noisynn selection``): after an epoch, each
+    val and test image's correctness, both splits read class-sorted in batches of ``batch_size`` (the
+    released protocol's order; a test list sorted by class in its own order), the noise as in validation."""
+    from noisynn.io.atomic import atomic_path
+    from noisynn.orders import test_batches
+
+    arrays = {}
+    for name, split in (("val", data.val), ("test", data.test)):
+        batches = test_batches(np.asarray(split.labels), "class_sorted", batch_size)
+        arrays[f"{name}_correct"] = correct_per_image(model, split, batches, device, num_workers)
+        batch_of = np.empty(len(split), dtype=np.int64)
+        for j, b in enumerate(batches):
+            batch_of[b] = j
+        arrays[f"{name}_batch"] = batch_of
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"epoch_{epoch + 1:04d}.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
 
 
 def _summary_csv(rows: list[dict]) -> str:
@@ -458,6 +489,8 @@ def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out
                 handle.enabled = True
                 row["val_top1_noisy"] = validate(model, data.val, cfg.eval_batch_size, device, order_seed=cfg.seed,
                                                  num_workers=cfg.num_workers, dist=dist, amp=use_amp)
+            if cfg.monitor_test and dist.is_main:
+                record_epoch(out / "selection", epoch, model, data, cfg.eval_batch_size, device, cfg.num_workers)
             rows.append(row)
             if dist.is_main:
                 print(f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "

@@ -92,17 +92,33 @@ def validate_config(config: dict, source: str = "the config", check_folders: boo
 
     ``check_folders`` False leaves out whether an ImageFolder root exists (for estimates made
     before the data is at hand, ``noisynn cost``)."""
-    import jsonschema
-
     schema = yaml.safe_load(SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
-    if errors:
-        e = _deepest(errors[0])
-        raise UserError(f"{source}: key {_key_path(e)}: {_describe(e)}.")
+    check_against_schema(config, schema, source)
     config = _apply_defaults(schema, copy.deepcopy(config), schema)
     _cross_checks(config, source, check_folders)
     return config
+
+
+def check_against_schema(doc, schema: dict, source: str) -> None:
+    """Refuse ``doc`` if it breaks ``schema``, in one sentence naming ``source`` and the key."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc),
+                    key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        e = _deepest(errors[0])
+        raise UserError(f"{source}: key {_key_path(e)}: {_describe(e)}.")
+
+
+def read_yaml(path: Path, what: str):
+    """The content of a YAML file, or one sentence saying that ``what`` (e.g. "config file") is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
 
 
 def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None:
@@ -199,6 +215,13 @@ def _check_dataset(ds: dict, key: str, source: str, check_folders: bool = True) 
             differ = sorted(set(train) ^ set(val))[:3]
             raise UserError(f"{source}: key {key}.root: {Path(root) / ds['train_dir']} and {Path(root) / ds['val_dir']} "
                             f"have different class folders (e.g. {', '.join(differ)}); expected the same classes in both.")
+    elif ds["kind"] == "list":
+        for name in ("root", "train_list", "test_list"):
+            if not ds.get(name):
+                raise UserError(f"{source}: key {key}.{name}: expected a path for kind list (root: the folder the "
+                                "lists' paths are relative to; train_list, test_list: `<path> <label>` files).")
+            if check_folders and not Path(ds[name]).exists():
+                raise UserError(f"{source}: key {key}.{name}: {ds[name]} does not exist.")
     elif ds["kind"] == "digits" and ds.get("image_size") not in (8, 16, 32):
         raise UserError(f"{source}: key {key}.image_size: expected 8, 16 or 32 for digits; got {ds.get('image_size')!r}.")
     elif ds["kind"] == "mnist" and ds.get("image_size") not in (8, 16, 28, 32):
@@ -304,21 +327,19 @@ def _check_noise_batch(config: dict, source: str) -> None:
 
 
 def load_config(path: Path, check_folders: bool = True) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
-    return validate_config(data or {}, str(path), check_folders)
+    return validate_config(read_yaml(path, "config file") or {}, str(path), check_folders)
 
 
 def dataset_geometry(ds: dict, model: dict, num_classes: int | None = None) -> dict:
     """(num_classes, in_chans, image_size) of the images a model sees on a dataset of the config;
-    an ImageFolder's classes are its class folders unless ``num_classes`` is given."""
+    an ImageFolder's classes are its class folders, a list dataset's the labels of its lists, unless
+    ``num_classes`` is given."""
     if ds["kind"] in ("digits", "mnist"):
         return {"name": ds["name"], "num_classes": num_classes or 10, "in_chans": 1, "image_size": ds["image_size"]}
+    if num_classes is None and ds["kind"] == "list":
+        from noisynn.listfile import read_list
+
+        num_classes = 1 + max(label for f in (ds["train_list"], ds["test_list"]) for _, label in read_list(Path(f)))
     if num_classes is None:
         num_classes = len([d for d in os.scandir(Path(ds["root"]) / ds["train_dir"]) if d.is_dir()])
     size = model.get("image_size") or (model.get("kwargs") or {}).get("img_size") or ds["image_size"]

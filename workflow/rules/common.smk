@@ -122,6 +122,12 @@ def prepare_args(d):
     if d["kind"] in ("digits", "mnist"):
         return f"--kind {d['kind']} --image-size {d['image_size']} --seed {d['split_seed']}"
     verify = "" if d["verify_images"] else " --no-verify-images"
+    if d["kind"] == "list":
+        return (
+            f"--kind list --root {q(d['root'])} --train-list {q(d['train_list'])} "
+            f"--test-list {q(d['test_list'])} --name {q(d['name'])} --image-size {d['image_size']} "
+            f"--hash-mode {d['hash_mode']}{verify}"
+        )
     return (
         f"--kind imagefolder --root {q(d['root'])} --train-dir {q(d['train_dir'])} "
         f"--val-dir {q(d['val_dir'])} --name {q(d['name'])} --image-size {d['image_size']} "
@@ -169,11 +175,12 @@ def model_reported_metric(wildcards):
 
 
 def describe_dataset(d):
-    size = (
-        f"{d['image_size']} px"
-        if d["kind"] != "imagefolder"
-        else f"ImageFolder {d['root']}"
-    )
+    if d["kind"] == "imagefolder":
+        size = f"ImageFolder {d['root']}"
+    elif d["kind"] == "list":
+        size = f"lists {d['train_list']} and {d['test_list']}"
+    else:
+        size = f"{d['image_size']} px"
     return f"{d['name']} ({d['kind']}, {size})"
 
 

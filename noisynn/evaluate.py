@@ -220,15 +220,15 @@ def _sweeps(runner: _Runner, handle, labels: np.ndarray, seed: int, noise_on: bo
 
 def _pooling_control(clean_logits: np.ndarray, labels: np.ndarray, seed: int, test_batch_size: int) -> tuple[dict, dict]:
     """The noise-free control: each image takes the mean logits of its batch (evidence pooled, no operator)."""
+    from noisynn.report.stats import logit_pooling
+
     out, arrays = {"protocols": {}, "batch_size": []}, {}
 
     def pooled(batches):
-        pred = np.empty(len(labels), dtype=np.int64)
         batch_of = np.empty(len(labels), dtype=np.int64)
         for j, b in enumerate(batches):
-            pred[b] = int(clean_logits[b].mean(axis=0).argmax())
             batch_of[b] = j
-        return pred, batch_of
+        return logit_pooling(clean_logits, batches), batch_of
 
     for name in ("released", "shuffled", "class_pure", "class_mixed"):
         p = PROTOCOL_DEFS[name]

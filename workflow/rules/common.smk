@@ -99,9 +99,9 @@ def training_json(section):
     return q(CFG[section])
 
 
-def code_digest(step, with_noise=True):
+def code_digest(step):
     """The digest of the code a step's jobs run: a param, so a code change reruns them."""
-    return step_digest(step, with_noise)
+    return step_digest(step)
 
 
 def figure_code_digest(figure):

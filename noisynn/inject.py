@@ -38,10 +38,7 @@ import torch
 from torch import nn
 
 from noisynn.errors import UserError
-from noisynn.noise import SITE_LAYOUTS, NoiseSpec, apply_noise, mixed_axis_size
-
-FAMILIES = ("vit", "resnet", "swin", "efficientnet", "generic")
-INJECTION_LAYOUTS = SITE_LAYOUTS
+from noisynn.noise import NoiseSpec, apply_noise, mixed_axis_size
 
 _BLOCK_OF = {
     "vit": re.compile(r"^(blocks\.(\d+))(\..+)?$"),
@@ -321,7 +318,7 @@ class Injection:
         self.num_prefix_tokens = self._prefix_at_site
         self._generator: torch.Generator | None = None
         self.last_input_shape: tuple[int, ...] | None = None  # what the noise last acted on
-        self.layout: str | None = None  # its layout, one of INJECTION_LAYOUTS
+        self.layout: str | None = None  # its layout, one of noise.SITE_LAYOUTS
         self._handle = _site_module(model, site).register_forward_pre_hook(self._hook)
 
     def active(self) -> bool:

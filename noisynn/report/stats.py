@@ -77,10 +77,6 @@ class Interval:
     n_effective: float
     mde: float = float("nan")
 
-    @property
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
 
 @dataclass(frozen=True)
 class PairedTest:

@@ -38,10 +38,7 @@ import torch
 from torch import nn
 
 from noisynn.errors import UserError
-from noisynn.noise import SITE_LAYOUTS, NoiseSpec, apply_noise, mixed_axis_size
-
-FAMILIES = ("vit", "resnet", "swin", "efficientnet", "generic")
-INJECTION_LAYOUTS = SITE_LAYOUTS
+from noisynn.noise import NoiseSpec, apply_noise, mixed_axis_size
 
 _BLOCK_OF = {
     "vit": re.compile(r"^(blocks\.(\d+))(\..+)?$"),
@@ -321,7 +318,7 @@ class Injection:
         self.num_prefix_tokens = self._prefix_at_site
         self._generator: torch.Generator | None = None
         self.last_input_shape: tuple[int, ...] | None = None  # what the noise last acted on
-        self.layout: str | None = None  # its layout, one of INJECTION_LAYOUTS
+        self.layout: str | None = None  # its layout, one of noise.SITE_LAYOUTS
         self._handle = _site_module(model, site).register_forward_pre_hook(self._hook)
 
     def active(self) -> bool:
@@ -518,6 +515,18 @@ def cache_point(model: nn.Module, site: str) -> str:
     if m is None or not _splittable(model, family):
         return "image"
     return m.group(1)
+
+
+# Bytes per value of the prefix cache under a 16-bit autocast: the cache keeps the dtype the forward
+# carries at the cache point (evaluate.PrefixCache), measured by a test for every family: a ViT's
+# residual stream stays float32 (its LayerNorms run in float32 and promote each residual sum); a
+# CNN's maps, and Swin's (its patch merging ends in a Linear), are in the autocast dtype.
+_STREAM_BYTES = {"vit": 4, "swin": 2, "resnet": 2, "efficientnet": 2}
+
+
+def cache_bytes_per_value(model: nn.Module) -> int:
+    """Bytes per cached value under bf16/fp16 autocast (4, float32, for a family not in the table)."""
+    return _STREAM_BYTES.get(model_family(model), 4)
 
 
 def can_split(model: nn.Module, site: str) -> bool:

@@ -47,11 +47,43 @@ def test_a_comment_or_a_docstring_changes_no_digest(package):
     assert codedigest.all_digests() == before
 
 
-def test_the_noise_code_reruns_evaluations_and_noisy_trainings_only(package):
+def test_the_noise_code_reruns_every_step_that_imports_it_and_not_data_preparation(package):
     before = codedigest.all_digests()
     _edit(package / "noise.py", "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1)",
           "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1.0)")
-    assert _changed(before, codedigest.all_digests()) == {"evaluate", "finetune", "pretrain"}
+    changed = _changed(before, codedigest.all_digests())
+    assert {"evaluate", "finetune", "pretrain", "import_weights"} <= changed
+    assert not {"prepare", "aggregate"} & changed
+
+
+def test_a_training_without_noise_runs_no_module_its_digest_leaves_out(digits_dir, tmp_path):
+    """The digest follows imports; this traces a real training without noise and finds every noisynn
+    module whose code ran in its digest (a hand-kept list that dropped the noise and injection modules
+    from such trainings was wrong: validation cuts its batches with the injection code)."""
+    import sys
+
+    from conftest import RESNET_MODEL
+
+    from noisynn.train import TrainConfig, train
+
+    package = REPO / "noisynn"
+    ran = set()
+
+    def trace(frame, event, arg):
+        path = Path(frame.f_code.co_filename)
+        if event == "call" and path.is_relative_to(package):
+            rel = path.relative_to(package).with_suffix("")
+            ran.add(".".join(["noisynn", *(rel.parts[:-1] if rel.name == "__init__" else rel.parts)]))
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), data_dir=str(digits_dir), stage="pretrain", model=RESNET_MODEL,
+                      epochs=1, batch_size=128, lr=1e-3, warmup_epochs=0)
+    sys.setprofile(trace)
+    try:
+        train(cfg)
+    finally:
+        sys.setprofile(None)
+    assert {"noisynn.train", "noisynn.inject", "noisynn.noise"} <= ran
+    assert ran <= set(codedigest.step_code("pretrain"))
 
 
 def test_the_reporting_code_reruns_the_report_only(package):
@@ -105,8 +137,7 @@ def test_the_command_line_of_one_verb_reruns_that_step_only(package):
 
 def test_every_step_covers_its_modules_and_the_digest_file_is_written_once(tmp_path):
     assert "noisynn.evaluate" in codedigest.step_code("evaluate")
-    assert "noisynn.noise" not in codedigest.step_code("finetune", with_noise=False)
-    assert "noisynn.train" in codedigest.step_code("finetune", with_noise=False)
+    assert "noisynn.train" in codedigest.step_code("finetune")
     out = tmp_path / "digest.json"
     codedigest.main(["--out", str(out)])
     first = out.stat().st_mtime_ns

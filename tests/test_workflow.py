@@ -219,11 +219,11 @@ def test_tiny_workflow_end_to_end_then_noop_then_code_changes_then_incremental(r
                       "def purity_figure(r: Results, dataset: str):\n    _unused = 1\n")
     assert _dry_counts(repo_copy) == {"figure_purity": 1}
     restore()
-    # ... and the noise code reruns every evaluation and the trainings whose noise trains, not the
-    # pretrainings nor the vanilla fine-tunings
+    # ... and the noise code reruns every step that imports it: the trainings (a vanilla one builds a
+    # noise record and cuts its validation batches with the injection code), the evaluations, the report
     restore = _edited(repo_copy / "noisynn/noise.py", "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1)",
                       "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1.0)")
-    assert _dry_counts(repo_copy) == {"finetune": 2, "evaluate": 6, "aggregate": 1, **REPORT, "default": 1}
+    assert _dry_counts(repo_copy) == {"pretrain": 2, "finetune": 4, "evaluate": 6, "aggregate": 1, **REPORT, "default": 1}
     restore()
     assert _dry_counts(repo_copy) == {}
 

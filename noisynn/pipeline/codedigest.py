@@ -7,9 +7,9 @@ changes the params, and Snakemake reruns the jobs of that rule (and what depends
 
 The digest hashes each module's syntax tree with its docstrings removed, so a comment, a docstring
 or a test changes nothing; a changed line of code changes the digest of every step that imports it.
-A training without noise never runs the noise operators, so its digest leaves them out: a change
-in ``noise.py`` or ``inject.py`` reruns the evaluations and the trainings whose noise trains, but
-not the vanilla ones.
+The digest follows the imports alone, with no list of modules a step is said not to run: a
+training without noise still builds a noise record and cuts its validation batches with the
+injection code (a test traces such a training and finds both), so a change there reruns it too.
 
 Each figure of the report is a node of its own (as showyourwork makes each figure's script its
 input): its digest holds the report's code with the plotting module cut down to what that figure
@@ -43,10 +43,6 @@ STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "aggregate": (("_add_aggregate", "_aggregate"), ()),
     "report": (("_add_report", "_report"), ()),
 }
-# modules a training without noise never runs (see the module docstring)
-NOISE_MODULES = ("noisynn.noise", "noisynn.inject")
-# steps that never run a noise (importing weights builds the model and checks it, no hook is set)
-NOISE_FREE_STEPS = ("prepare", "import_weights", "aggregate", "report")
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -90,10 +86,22 @@ def _is_module(name: str) -> bool:
     return bool(rel) and (PACKAGE.joinpath(*rel).with_suffix(".py").is_file() or PACKAGE.joinpath(*rel, "__init__.py").is_file())
 
 
+def _runtime_nodes(node: ast.AST):
+    """Every node below ``node`` but those of ``if TYPE_CHECKING:`` blocks (imports for annotations only)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        yield n
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING":
+            todo.extend(n.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(n))
+
+
 def _imports(node: ast.AST) -> set[str]:
     """The noisynn modules that ``node`` imports, at any depth (function-level imports too)."""
     found = set()
-    for n in ast.walk(node):
+    for n in _runtime_nodes(node):
         if isinstance(n, ast.Import):
             found |= {a.name for a in n.names if a.name.startswith("noisynn.") and _is_module(a.name)}
         elif isinstance(n, ast.ImportFrom) and n.module and (n.module == "noisynn" or n.module.startswith("noisynn.")):
@@ -121,7 +129,7 @@ def _closure(modules: set[str]) -> set[str]:
     return seen
 
 
-def step_code(step: str, with_noise: bool = True) -> dict[str, str]:
+def step_code(step: str) -> dict[str, str]:
     """What a step's digest covers: ``cli:<function>`` and module names, each with its normalized tree."""
     if step not in STEPS:
         raise KeyError(f"unknown workflow step {step!r}; steps: {', '.join(STEPS)}")
@@ -134,17 +142,15 @@ def step_code(step: str, with_noise: bool = True) -> dict[str, str]:
     for node in [defs[f] for f in wanted] + top_imports:
         modules |= _imports(node)
     modules = _closure(modules)
-    if not with_noise or step in NOISE_FREE_STEPS:
-        modules -= set(NOISE_MODULES)
     code = {f"cli:{f}": _normalized(defs[f]) for f in wanted}
     code |= {m: _module_dump(m) for m in sorted(modules)}
     return code
 
 
 @lru_cache(maxsize=None)
-def step_digest(step: str, with_noise: bool = True) -> str:
+def step_digest(step: str) -> str:
     """The digest of the code a step runs (16 hex digits: short in the params, collisions irrelevant)."""
-    return _digest(step_code(step, with_noise))
+    return _digest(step_code(step))
 
 
 PLOTS_MODULE = "noisynn.report.plots"
@@ -232,7 +238,6 @@ def summary_digest() -> str:
 
 def all_digests() -> dict[str, str]:
     out = {step: step_digest(step) for step in STEPS}
-    out |= {f"{step}:without-noise": step_digest(step, with_noise=False) for step in ("pretrain", "finetune")}
     out |= {f"figure:{name}": figure_digest(name) for name in figures()}
     out["summary"] = summary_digest()
     return dict(sorted(out.items()))

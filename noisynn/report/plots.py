@@ -1,7 +1,7 @@
 """Every figure of the report, drawn with matplotlib (Agg) and written as PNG and PDF without timestamps.
 
 No torch import here (nor ``noisynn.evaluate``); matplotlib is imported only when a figure is drawn.
-Error bars and bands are the 95 % bootstrap intervals of ``noisynn.report.results`` (the mean over seeds
+Error bars and bands are the 95 % intervals of ``noisynn.report.results`` (the mean over seeds
 alone where a setting has no per-image predictions). A figure without data says so.
 """
 

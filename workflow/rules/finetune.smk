@@ -28,10 +28,7 @@ rule finetune:
         site=site_arg,
         train=lambda wildcards: training_json("finetune"),
         launch=lambda wildcards, resources: launcher(resources),
-        # a fine-tuning without noise never runs the noise code (noisynn/pipeline/codedigest.py)
-        code=lambda wildcards: code_digest(
-            "finetune", with_noise=wildcards.noise != "none"
-        ),
+        code=code_digest("finetune"),
     shell:
         "{params.launch} finetune --data {input.data} --init {input.init} "
         "--out $(dirname {output.weights}) --noise {params.noise} {params.site} "

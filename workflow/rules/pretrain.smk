@@ -27,7 +27,7 @@ rule pretrain:
         train=lambda wildcards: training_json("pretrain"),
         seed=lambda wildcards: CFG["pretrain"]["seed"],
         launch=lambda wildcards, resources: launcher(resources),
-        code=code_digest("pretrain", with_noise=False),
+        code=code_digest("pretrain"),
     shell:
         "{params.launch} pretrain --data {input.data} --out $(dirname {output.weights}) "
         "--model {params.model} --train {params.train} --seed {params.seed} >> {log} 2>&1"

@@ -158,7 +158,7 @@ def test_paper_rows_match_tagged_weights_and_prefer_the_released_preprocessing()
         for metric in ("top1", "released_metric_top1"):
             rows.append({"model": model, "noise": fx.RECIPE, "apply": "eval", "site": "blocks.11.attn",
                          "protocol": "released", "metric": metric, "seed": 0, "value": value, "mixed_axis_size": 10,
-                         "theory_delta_S": 1.0, "noise_applied": True, "predictions": "",
+                         "theory_delta_S": 1.0, "noise_applied": True, "predictions": "", "checkpoint": f"ckpt/{model}",
                          "timm_name": "vit_base_patch16_384.augreg_in21k_ft_in1k", "reported_metric": "running",
                          "preprocess": preprocess, "noise_kind": "linear-optimal", "strength": float("nan"), "alpha": float("nan"),
                          "axis": "batch", "neighbour": None, "detach": False, "default_site": True})

@@ -181,7 +181,9 @@ def all_sites(model: nn.Module, input_size: tuple[int, ...] | None = None) -> li
         model.eval()
         with torch.no_grad():
             model(_example_input(model, input_size))
-    except Exception:  # noqa: BLE001 - an untraceable model still has its registration order
+    except (RuntimeError, NotImplementedError, AssertionError, ValueError):
+        # a model whose example forward fails (an input size it refuses, an op without a meta
+        # kernel) still has its registration order; an error of ours is not swallowed here
         order = [n for n, _ in named]
     finally:
         _TRACING = False

@@ -833,6 +833,24 @@ def test_under_bf16_autocast_the_cached_path_computes_what_the_full_forward_comp
     assert hidden.element_size() == cache_bytes_per_value(model), hidden.dtype
 
 
+def test_an_untraceable_forward_gives_the_registration_order_and_a_bug_is_not_swallowed():
+    from noisynn.inject import all_sites
+
+    class Model(nn.Module):
+        def __init__(self, error):
+            super().__init__()
+            self.second, self.first, self.error = nn.Linear(2, 2), nn.Linear(2, 2), error
+
+        def forward(self, x):
+            raise self.error("no trace")
+
+    # what a model refusing its example input raises: the modules' registration order instead
+    assert all_sites(Model(RuntimeError), (2,)) == ["image", "second", "first"]
+    # what a bug raises (in our hooks or the model's code) reaches the user as itself
+    with pytest.raises(NameError):
+        all_sites(Model(NameError), (2,))
+
+
 # --- the released ResNet-18 gradient at stage 4 ----------------------------------------------------
 
 

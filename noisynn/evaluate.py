@@ -37,7 +37,17 @@ from noisynn.io.provenance import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
 from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, forward_calls, purity_batches, test_batches
-from noisynn.vocab import PROTOCOL_DEFS, PROTOCOLS, REPORTED_METRICS, released_metric
+from noisynn.vocab import (
+    PROTOCOL_DEFS,
+    PROTOCOLS,
+    REPORTED_METRICS,
+    batch_size_stem,
+    pooling_batch_size_stem,
+    pooling_stem,
+    purity_stem,
+    released_metric,
+    setting_key,
+)
 
 __all__ = ["PROTOCOLS", "PROTOCOL_DEFS", "evaluate_group", "evaluate_checkpoint", "prediction_arrays"]
 
@@ -203,8 +213,8 @@ def _sweeps(runner: _Runner, handle, labels: np.ndarray, seed: int, noise_on: bo
             if k == 1:
                 single = r
             out["batch_size"].append({"order": order, "batch_size": k, "top1": r["top1"], "n": len(labels)})
-            arrays[f"batch_size/{order}/k{k}/pred"] = r["pred"]
-            arrays[f"batch_size/{order}/k{k}/batch"] = r["batch"]
+            arrays[f"{batch_size_stem(order, k)}/pred"] = r["pred"]
+            arrays[f"{batch_size_stem(order, k)}/batch"] = r["batch"]
     for m in range(1, PURITY_BATCH_SIZE + 1):
         handle.reseed(seed)
         pairs = purity_batches(labels, m, PURITY_BATCH_SIZE, seed)
@@ -217,8 +227,8 @@ def _sweeps(runner: _Runner, handle, labels: np.ndarray, seed: int, noise_on: bo
             hits[targets] = pred[start : start + len(targets)] == labels[targets]
             batch_of[targets] = j
         out["purity"].append({"m": m, "batch_size": PURITY_BATCH_SIZE, "top1": float(hits.mean()), "n": len(labels)})
-        arrays[f"purity/m{m}/correct"] = hits
-        arrays[f"purity/m{m}/batch"] = batch_of
+        arrays[f"{purity_stem(m)}/correct"] = hits
+        arrays[f"{purity_stem(m)}/batch"] = batch_of
     return out, arrays
 
 
@@ -238,18 +248,17 @@ def _pooling_control(clean_logits: np.ndarray, labels: np.ndarray, seed: int, te
         p = PROTOCOL_DEFS[name]
         pred, batch_of = pooled(test_batches(labels, p.order, test_batch_size, seed))
         out["protocols"][name] = {"order": p.order, "batch_size": test_batch_size, "top1": float((pred == labels).mean())}
-        arrays[f"pooling/{name}/pred"], arrays[f"pooling/{name}/batch"] = pred, batch_of
+        arrays[f"{pooling_stem(name)}/pred"], arrays[f"{pooling_stem(name)}/batch"] = pred, batch_of
     for order in SWEEP_ORDERS:
         for k in SWEEP_BATCH_SIZES:
             pred, batch_of = pooled(test_batches(labels, order, k, seed))
             out["batch_size"].append({"order": order, "batch_size": k, "top1": float((pred == labels).mean())})
-            arrays[f"pooling/batch_size/{order}/k{k}/pred"] = pred
+            arrays[f"{pooling_batch_size_stem(order, k)}/pred"] = pred
     return out, arrays
 
 
-def setting_key(setting: dict) -> str:
-    """The key of one setting's arrays in a group's predictions file."""
-    return f"{setting['noise']}|{setting['apply']}|{setting['site']}"
+def _setting_key(setting: dict) -> str:
+    return setting_key(setting["noise"], setting["apply"], setting["site"])
 
 
 @torch.no_grad()
@@ -365,7 +374,7 @@ def evaluate_group(
     clean_cache: dict = {}
     for setting, spec, handle in zip(settings, specs, handles):
         handle.enabled = False
-        key = setting_key(setting)
+        key = _setting_key(setting)
         results = {}
         for name in protocols:
             p = PROTOCOL_DEFS[name]
@@ -455,7 +464,7 @@ def evaluate_group(
 
 def prediction_arrays(arrays: dict, setting: dict) -> dict:
     """The arrays of one setting from a group's predictions (keys without the setting prefix)."""
-    prefix = setting_key(setting) + "/"
+    prefix = _setting_key(setting) + "/"
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 

@@ -22,16 +22,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from noisynn.errors import UserError
+from noisynn.vocab import AXES, DETACH, NEIGHBOURS, NOISE_KINDS
 
 LINEAR_KINDS = ("optimal", "shift")
-AXES = ("batch", "rows", "features")
-NOISE_KINDS = ("none", "gaussian", "impulse", "linear-optimal", "linear-shift")
-NEIGHBOURS = ("previous", "next")
-# the gradient a linear noise passes back: False, through (I + Q)ᵀ as the algebra says (eq. 17 and
-# the released ViT's OptimalQ); True, the identity (the noise term detached: the released CNN code,
-# e.g. NoisyCNN_CircularShiftQ/CNNs.py lines 57-62); "partner", the own term only, (1 + Q_ii)·g, the
-# partner's term detached (the released ResNet-18 at stage 4 after its first sub-block, lines 560-575)
-DETACH = (False, True, "partner")
 LAYOUTS = ("tokens", "nchw", "nhwc", "features")
 # what an injection site may report (Injection.layout): the operator layouts, Swin's attention
 # windows (tokens of all windows of all images, no prefix) and unknown (only the batch axis is known)

@@ -76,6 +76,11 @@ LINEAR_NOISE_KINDS = ("linear-optimal", "linear-shift")
 ADDITIVE_NOISE_KINDS = ("gaussian", "impulse")
 AXES = ("batch", "rows", "features")
 NEIGHBOURS = ("previous", "next")
+# the gradient a linear noise passes back: False, through (I + Q)ᵀ as the algebra says (eq. 17 and
+# the released ViT's OptimalQ); True, the identity (the noise term detached: the released CNN code,
+# e.g. NoisyCNN_CircularShiftQ/CNNs.py lines 57-62); "partner", the own term only, (1 + Q_ii)·g, the
+# partner's term detached (the released ResNet-18 at stage 4 after its first sub-block, lines 560-575)
+DETACH = (False, True, "partner")
 APPLY = ("eval", "train+eval")  # when a workflow setting's noise acts: at evaluation only, or also in training
 RELEASED_NOISE = "linear-optimal_batch"  # the released recipe: optimal Q over the batch, at evaluation only
 
@@ -125,6 +130,35 @@ FINETUNE_PATH = "results/{dataset}/{model}/finetune/noise~{noise}/site~{site}/se
 # setting of that pair in one JSON, and each image's prediction and batch beside it
 GROUP_PATH = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/evaluations.json"
 GROUP_PREDICTIONS = "results/{dataset}/{model}/evaluate/train~{train}/site~{site}/seed~{seed}/predictions.npz"
+
+
+# --- the arrays of a group's predictions file ---------------------------------------------------
+# "<setting key>/<stem>/<pred|batch|correct>", the stem a protocol or a sweep point; "labels" alone
+
+
+def setting_key(noise: str, apply: str, site: str) -> str:
+    """The key of one setting's arrays in its group's predictions file."""
+    return f"{noise}|{apply}|{site}"
+
+
+def batch_size_stem(order: str, k) -> str:
+    """The batch-size sweep's point (order, k) with the noise on."""
+    return f"batch_size/{order}/k{k:g}"
+
+
+def purity_stem(m) -> str:
+    """The purity sweep's point: m images of one class in a batch."""
+    return f"purity/m{m:g}"
+
+
+def pooling_stem(protocol: str) -> str:
+    """The noise-free pooling control under a protocol's order and batch size."""
+    return f"pooling/{protocol}"
+
+
+def pooling_batch_size_stem(order: str, k) -> str:
+    """The pooling control's batch-size sweep point."""
+    return "pooling/" + batch_size_stem(order, k)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,17 @@ import pandas as pd
 from noisynn.errors import UserError
 from noisynn.report import stats
 from noisynn.report.aggregate import COLUMNS, KEY, SWEEP_COLUMNS
-from noisynn.vocab import LINEAR_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
+from noisynn.vocab import (
+    LINEAR_NOISE_KINDS,
+    NOISE_KINDS,
+    NOISY_PROTOCOLS,
+    PROTOCOLS,
+    RELEASED_NOISE,
+    batch_size_stem,
+    pooling_stem,
+    purity_stem,
+    setting_key,
+)
 
 CONFIDENCE = 0.95
 PRIMARY_PROTOCOLS = ("released", "batch1", "shuffled", "class_mixed")
@@ -72,7 +82,7 @@ def load_evaluations(path: Path, dataset: str) -> pd.DataFrame:
                    ("seed", "value"))
     for c in _BOOLEAN:
         df[c] = df[c].str.lower().isin(["true", "1"])
-    # the noise's gradient: false, true, or partner (noise.DETACH)
+    # the noise's gradient: false, true, or partner (vocab.DETACH)
     df["detach"] = [v if v == "partner" else v.lower() in ("true", "1") for v in df["detach"]]
     dup = df.duplicated(list(KEY))
     if dup.any():
@@ -236,7 +246,7 @@ class Results:
             except (OSError, ValueError) as e:
                 raise UserError(f"predictions file {path} (named in evaluations.csv) cannot be read as .npz ({e}); "
                                 "the report runs from the workflow's root, where those paths start.") from None
-        key = name if name == "labels" else f"{s.noise}|{s.apply}|{s.site}/{name}"  # the setting's key in its group
+        key = name if name == "labels" else f"{setting_key(s.noise, s.apply, s.site)}/{name}"
         return self._open[path][key] if key in self._open[path] else None
 
     def outcomes(self, s: Setting, protocol: str) -> dict[int, tuple]:
@@ -350,9 +360,10 @@ class Results:
 
     def _sweep_interval(self, p: dict, seeds: list[int]) -> stats.Interval | None:
         # the pooled batch-size sweep keeps no batch index (no unit of dependence), so it has no interval
-        stem = {("batch_size", "noise"): f"batch_size/{p['order']}/k{p['batch_size']:g}",
-                ("purity", "noise"): f"purity/m{p['m']:g}",
-                ("protocol", "pooling_control"): f"pooling/{p['order']}"}.get((p["experiment"], p["variant"]))
+        stem = {("batch_size", "noise"): lambda: batch_size_stem(p["order"], p["batch_size"]),
+                ("purity", "noise"): lambda: purity_stem(p["m"]),
+                ("protocol", "pooling_control"): lambda: pooling_stem(p["order"])}.get((p["experiment"], p["variant"]))
+        stem = stem() if stem else None
         s = self.setting(p["model"], p["noise"], p["apply"], p["site"])
         names = ("labels", f"{stem}/batch", f"{stem}/correct", f"{stem}/pred")
         arrays = [[self.array(s, seed, n) for n in names] for seed in seeds] if s and stem else []

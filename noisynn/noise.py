@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from noisynn.errors import UserError
+from noisynn.vocab import noise_problem
 
 LINEAR_KINDS = ("optimal", "shift")
 AXES = ("batch", "rows", "features")
@@ -268,6 +269,9 @@ class NoiseSpec:
             raise UserError(f"noise strength (the impulse probability p) must lie in [0, 1]; got {self.strength}.")
         if self.kind == "gaussian" and self.std < 0:
             raise UserError(f"noise std must be >= 0; got {self.std}.")
+        problem = noise_problem(asdict(self))
+        if problem:
+            raise UserError(f"noise {self.kind}: key {problem[0]} {problem[1]}.")
 
     @classmethod
     def from_dict(cls, noise: dict) -> "NoiseSpec":

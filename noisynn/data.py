@@ -1,12 +1,14 @@
 """Datasets, their fingerprints, and the test orders the evaluation protocols use.
 
-Two sources:
+Three sources:
 
 * ``digits``: scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes, no download),
   split deterministically (stratified) from a seed and materialized once as ``digits.npz`` plus a
   ``manifest.json`` (each embedded dataset's arrays are named for it: ``mnist.npz`` for MNIST-5k) with per-sample hashes, so every later job sees one fingerprint;
 * ``imagefolder``: any torchvision ImageFolder layout (ImageNet, TinyImageNet) at a path, with
-  timm's transforms and a manifest (class → count, file hashes) that training checks against.
+  timm's transforms and a manifest (class → count, file hashes) that training checks against;
+* ``list``: images named by list files (``<path> <label>`` lines), kept in the list's order
+  (noisynn/listfile.py), read like an image folder.
 
 What ``prepare`` recorded is checked where the files are read again (``load_dataset``): the
 manifest's keys and types, the arrays of ``<dataset>.npz`` (dtypes, shapes, label and index ranges,
@@ -35,6 +37,8 @@ EMBEDDED_KINDS = ("digits", "mnist", "arrays")
 # what every manifest holds, and what each kind adds (key → expected type)
 _MANIFEST_KEYS = {"kind": str, "num_classes": int, "classes": list, "image_size": int, "fingerprint": str}
 _FOLDER_KEYS = {"root": str, "train_dir": str, "val_dir": str, "files": dict}
+_LIST_KEYS = {"root": str, "lists": dict, "files": dict, "labels": dict}  # kind list: noisynn/listfile.py
+FILE_KINDS = {"imagefolder": _FOLDER_KEYS, "list": _LIST_KEYS}
 
 
 # --- splits ------------------------------------------------------------------------------------
@@ -58,21 +62,25 @@ class ArraySplit:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """The manifest's (path, label) samples, read with PIL; an unreadable file is named, not a traceback."""
+    """The manifest's (path, label) samples, read with PIL; an unreadable file is named, not a traceback.
+
+    Indexed by (sample, seed): the seed of its augmentation travels with each index, so that workers
+    kept alive between passes (``persistent_workers``) augment each epoch with that epoch's seed.
+    """
 
     def __init__(self, samples: list[tuple[str, int]], transform):
         self.samples = samples
         self.transform = transform
-        self.seed = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, int]):
         import random
 
         from PIL import Image
 
+        i, seed = item
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
@@ -81,14 +89,16 @@ class _ImageFiles(torch.utils.data.Dataset):
             raise UserError(f"image {path} cannot be read ({type(e).__name__}); fix or remove it, or prepare the "
                             "dataset with verify_images: true and on_bad_image: skip.") from None
         # the augmentation of a sample is a function of (seed, sample) alone: the same after a
-        # resume and for any number of workers; the caller's random streams are left untouched
-        # (timm's transforms draw from random, numpy and torch)
+        # resume and for any number of workers. timm's transforms draw from random, numpy and
+        # torch's CPU generator, so those three are seeded for the sample and given back as they
+        # were; torch.manual_seed is never called, as it would also reseed every CUDA generator
+        # (dropout, drop-path and a training noise drawn on the GPU) and leave them so.
         state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            sample_seed = (self.seed * 1_000_003 + i) % 2**32
+            sample_seed = (seed * 1_000_003 + i) % 2**32
             random.seed(sample_seed)
             np.random.seed(sample_seed)
-            torch.manual_seed(sample_seed)
+            torch.default_generator.manual_seed(sample_seed)
             out = self.transform(image)
         random.setstate(state)
         np.random.set_state(np_state)
@@ -103,12 +113,31 @@ def _quiet_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class _NextBatches:
+    """The batch sampler of a reused DataLoader: the batches of its next pass, set before each pass."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class FolderSplit:
-    """A split read from image files with timm's transforms, in the order of the manifest."""
+    """A split read from image files with timm's transforms, in the order of the manifest.
+
+    One DataLoader per number of workers serves every pass (each epoch, each validation), its
+    workers kept alive between passes instead of started again for each.
+    """
 
     def __init__(self, transform, samples: list[tuple[str, int]]):
         self.dataset = _ImageFiles(samples, transform)
         self.labels = np.asarray([t for _, t in samples], dtype=np.int64)
+        self._next = _NextBatches()
+        self._loaders: dict = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,15 +146,20 @@ class FolderSplit:
         """Batches of (images, labels); random augmentation is seeded from ``seed`` (e.g. per epoch)."""
         from torch.utils.data import DataLoader
 
-        self.dataset.seed = seed
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[list(map(int, b)) for b in index_batches],
-            num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_quiet_worker,
-        )
-        yield from loader
+        self._next.batches = [[(int(i), seed) for i in b] for b in index_batches]
+        if num_workers not in self._loaders:
+            self._loaders[num_workers] = DataLoader(
+                self.dataset,
+                batch_sampler=self._next,
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                pin_memory=torch.cuda.is_available(),
+                worker_init_fn=_quiet_worker,
+                # the loader draws its workers' base seed from this generator, not from the global one
+                # that dropout and the noise use (each sample's augmentation is seeded on its own)
+                generator=torch.Generator().manual_seed(0),
+            )
+        yield from self._loaders[num_workers]
 
 
 @dataclass
@@ -409,10 +443,10 @@ def read_manifest(data_dir: Path) -> dict:
         raise UserError(f"dataset manifest {path} holds a JSON {type(manifest).__name__}; expected the object "
                         "`noisynn prepare` writes. Prepare the dataset again.")
     kind = manifest.get("kind")
-    if kind not in (*EMBEDDED_KINDS, "imagefolder"):
-        raise UserError(f"dataset manifest {path}: key kind must be one of {', '.join((*EMBEDDED_KINDS, 'imagefolder'))}; "
+    if kind not in (*EMBEDDED_KINDS, *FILE_KINDS):
+        raise UserError(f"dataset manifest {path}: key kind must be one of {', '.join((*EMBEDDED_KINDS, *FILE_KINDS))}; "
                         f"got {kind!r}. Prepare the dataset again.")
-    wanted = {**_MANIFEST_KEYS, **(_FOLDER_KEYS if kind == "imagefolder" else {})}
+    wanted = {**_MANIFEST_KEYS, **FILE_KINDS.get(kind, {})}
     for key, typ in wanted.items():
         if key not in manifest:
             raise UserError(f"dataset manifest {path} lacks key {key}; prepare the dataset again.")
@@ -426,7 +460,7 @@ def read_manifest(data_dir: Path) -> dict:
     if len(manifest["classes"]) != manifest["num_classes"]:
         raise UserError(f"dataset manifest {path}: key classes lists {len(manifest['classes'])} classes but "
                         f"num_classes is {manifest['num_classes']}; prepare the dataset again.")
-    if kind == "imagefolder":
+    if kind in FILE_KINDS:
         for split in ("train", "val"):
             if not isinstance(manifest["files"].get(split), dict):
                 raise UserError(f"dataset manifest {path}: key files.{split} must map each image to its hash; "
@@ -581,11 +615,16 @@ def _load_folder_dataset(manifest: dict, model_cfg: dict, train_augment: bool, s
         transforms.Normalize(mean, std),
     ])
     out = {}
-    for split, sub in (("train", manifest["train_dir"]), ("val", manifest["val_dir"])):
+    for split, sub in (("train", manifest.get("train_dir")), ("val", manifest.get("val_dir"))):
         if split not in splits:
             continue
         files = manifest["files"][split]
         check_image_files(manifest, split)
+        if manifest["kind"] == "list":  # the list's own order and labels
+            from noisynn.listfile import list_samples
+
+            out[split] = FolderSplit(train_tf if split == "train" else test_tf, list_samples(manifest, split))
+            continue
         samples = []
         for rel in files:
             try:

@@ -1,7 +1,9 @@
 """The processes of a training under ``torchrun`` (NCCL on GPUs, gloo on CPU), or just one.
 
-Every global batch of ``batch_size`` samples is split across the processes; only rank 0 writes the
-run folder, but each rank keeps its own noise stream and partial sums (``resume.py`` saves them).
+Every global batch of ``batch_size`` samples is split across the processes (``train.forward_batch``
+says how many samples each forward pass, and so a batch-axis noise, sees); validation hands each
+process whole test batches and sums the counts. Only rank 0 writes the run folder, but each rank
+keeps its own noise stream and partial sums (``resume.py`` saves them).
 """
 
 from __future__ import annotations
@@ -20,21 +22,28 @@ class Distributed:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         # under torchrun, even one process joins a process group (NCCL on a GPU), as a job on N GPUs does
         self.enabled = self.world > 1 or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
+        cuda = torch.cuda.is_available()
+        if cuda:
+            # before NCCL starts: its communicator is then bound to this process's own GPU, not GPU 0
+            torch.cuda.set_device(self.local_rank)
         if self.enabled:
             import torch.distributed as dist
 
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend)
+            if cuda:
+                dist.init_process_group(backend="nccl", device_id=torch.device("cuda", self.local_rank))
+            else:
+                dist.init_process_group(backend="gloo")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def shard(self, items: list) -> list:
+        """This process's share of a list: every ``world``-th item from its rank (whole items, never split)."""
+        return items[self.rank :: self.world] if self.enabled else items
 
     def barrier(self):
         if self.enabled:

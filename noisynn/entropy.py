@@ -7,16 +7,22 @@ Task complexity S = H(Y | Z); a noise is *positive* when it lowers S, i.e. when
 * alpha-shift Q: det(I + Q) = (1 - alpha)^k - (-alpha)^k;
 * optimal Q*: det(I + Q*) = (k + 1)^(1 - k), so ΔS* = (k - 1)·log(k + 1);
 * additive Gaussian noise independent of (Y, Z): ΔS <= 0.
+
+The closed forms need no torch, so the torch-free report draws the theory from here too; torch is
+imported where an explicit Q is built or its determinant taken.
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from noisynn.errors import UserError
-from noisynn.noise import NoiseSpec, quality_matrix
+
+if TYPE_CHECKING:
+    import torch
+
+    from noisynn.noise import NoiseSpec
 
 
 def delta_entropy(q: torch.Tensor) -> float:
@@ -24,6 +30,8 @@ def delta_entropy(q: torch.Tensor) -> float:
 
     Returns +inf when I + Q is singular (the transform destroys information; the formula diverges).
     """
+    import torch
+
     if q.dim() != 2 or q.shape[0] != q.shape[1]:
         raise UserError(f"Q must be a square matrix; got shape {tuple(q.shape)}.")
     eye = torch.eye(q.shape[0], dtype=torch.float64)
@@ -81,6 +89,8 @@ def delta_entropy_for(spec: NoiseSpec, k: int | None) -> float | None:
 
 def entropy_table(ks: list[int], alphas: list[float]) -> list[dict]:
     """Rows of ΔS (closed form and slogdet) against k and alpha, for ``noisynn entropy``."""
+    from noisynn.noise import quality_matrix
+
     rows = []
     for k in ks:
         rows.append(

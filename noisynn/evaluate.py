@@ -6,8 +6,10 @@ The protocols are defined in ``noisynn.vocab`` (docs/paper.md §6): ``clean`` (t
 
 Cost: in eval mode the network up to the injection site is a deterministic function of each image,
 so it runs once per image for the whole group of settings (the *prefix*, kept in memory or in a
-memory-mapped file, in the evaluation dtype); each setting and protocol then runs only the part of
-the network after the site (the *suffix*). Consecutive test batches share a forward call of the
+memory-mapped file); each setting and protocol then runs only the part of the network after the
+site (the *suffix*). The cache holds the activations in the dtype the forward pass itself carries
+there (under bf16 autocast: float32 in a ViT's residual stream, bfloat16 between a ResNet's
+blocks), so the suffix computes exactly what the uncached forward computes from that point on. Consecutive test batches share a forward call of the
 suffix (``forward_batch_size`` images), each still noised alone, so that a test batch of 10 images
 costs a tenth of a forward call's fixed cost, not all of it. The group can also run the experiments that separate the
 batch leak from the entropy theory: a batch-size sweep, a purity sweep and a noise-free control that
@@ -49,8 +51,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class PrefixCache:
     """The cache-point activations of every test image, in RAM or in a memory-mapped temp file.
 
-    Kept in the evaluation dtype (bfloat16 on CUDA with autocast, else float32). The file goes to
-    $SLURM_TMPDIR (a job's node-local disk) when set, else to $TMPDIR or /tmp.
+    Kept in the dtype the prefix produced (``dtype``): a cache rounded to bfloat16 where the
+    uncached forward carries float32 would run every later residual addition in bfloat16, a
+    different network. The file goes to $SLURM_TMPDIR (a job's node-local disk) when set, else to
+    $TMPDIR or /tmp.
     """
 
     def __init__(self, n: int, sample_shape: tuple[int, ...], dtype: torch.dtype, max_bytes: int):
@@ -72,7 +76,9 @@ class PrefixCache:
             self.array = np.empty((n, *sample_shape), dtype=np_dtype)
 
     def put(self, idx: np.ndarray, values: torch.Tensor) -> None:
-        values = values.to(self.dtype).cpu()
+        if values.dtype != self.dtype:
+            raise RuntimeError(f"the prefix pass produced {values.dtype} after {self.dtype}")
+        values = values.cpu()
         self.array[idx] = (values.view(torch.int16).numpy().view(np.uint16) if self.dtype == torch.bfloat16
                            else values.numpy())
 
@@ -84,6 +90,31 @@ class PrefixCache:
         if self.on_disk:
             del self.array
             self._tmp.cleanup()
+
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_for(device: str | None, amp: bool | None, amp_dtype: str = "bfloat16"):
+    """(the device, a context manager for the forward passes, the name of the dtype they compute in).
+
+    timm's ``validate.py`` conventions: ``--device``, ``--amp``, ``--amp-dtype``; ``amp`` None
+    turns the autocast on for CUDA only.
+    """
+    import contextlib
+    import functools
+
+    if amp_dtype not in AMP_DTYPES:
+        raise UserError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}.")
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asks for CUDA, but torch sees no CUDA device here; use --device cpu.")
+    if not (dev.type == "cuda" if amp is None else amp):
+        return dev, contextlib.nullcontext, "float32"
+    return dev, functools.partial(torch.autocast, dev.type, dtype=AMP_DTYPES[amp_dtype]), amp_dtype
 
 
 def _describe_cache(n: int, shape: tuple[int, ...], dtype: torch.dtype, point: str) -> str:
@@ -101,9 +132,9 @@ class _Runner:
     and the Python cost of a forward call is paid once per chunk instead of once per test batch.
     """
 
-    def __init__(self, model, site, test, labels, cache, device, amp, num_workers, forward_batch_size):
+    def __init__(self, model, site, test, labels, cache, device, autocast, num_workers, forward_batch_size):
         self.model, self.site, self.test, self.labels = model, site, test, labels
-        self.cache, self.device, self.amp, self.num_workers = cache, device, amp, num_workers
+        self.cache, self.device, self.autocast, self.num_workers = cache, device, autocast, num_workers
         self.forward_batch_size = forward_batch_size
         self.images = 0
 
@@ -117,8 +148,7 @@ class _Runner:
             source = self.test.batches(joined, self.num_workers)
         for chunk, idx, (x, _) in zip(chunks, joined, source):
             x = x.to(self.device, non_blocking=True)
-            with joined_batches([len(b) for b in chunk]), \
-                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with joined_batches([len(b) for b in chunk]), self.autocast():
                 out = forward_suffix(self.model, self.site, x) if self.cache is not None else self.model(x)
             self.images += len(idx)
             yield chunk, idx, out.float().cpu()
@@ -234,7 +264,8 @@ def evaluate_group(
     max_cache_bytes: int = 4 << 30,
     num_workers: int = 0,
     device: str | None = None,
-    amp: bool = True,
+    amp: bool | None = None,
+    amp_dtype: str = "bfloat16",
     progress: bool = True,
     allow_other_data: bool = False,
 ) -> tuple[dict, dict]:
@@ -245,6 +276,9 @@ def evaluate_group(
     Returns (the group's JSON-ready result, the per-image arrays for its predictions file).
     ``forward_batch_size``: images per forward call, in the prefix pass and in the suffix (where test
     batches are joined, each noised alone); the results do not depend on it beyond float rounding.
+    ``device`` (default: CUDA where there is one, else the CPU); ``amp``: autocast to ``amp_dtype``
+    (``bfloat16`` or ``float16``), on any device; None (the default) means on CUDA only, so that
+    CPU results are float32 unless asked otherwise.
 
     Everything a user can get wrong is refused before the prefix pass: the settings, the
     checkpoint and the data (each checked as it is read), data other than the checkpoint's (its
@@ -273,8 +307,7 @@ def evaluate_group(
     if any(sp.kind != "none" for sp in specs) and (not site or site == "none"):
         raise UserError("a noise needs a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
     site = site if site and site != "none" else "image"
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_amp = bool(amp and dev.type == "cuda")
+    dev, autocast, dtype_name = autocast_for(device, amp, amp_dtype)
     model, meta = load_checkpoint(Path(checkpoint))
     check_site(model, site)  # without a noise too: the site decides the prefix cache and the records
     data = load_dataset(Path(data_dir), meta["model"], train_augment=False, splits=("val",))
@@ -304,23 +337,22 @@ def evaluate_group(
     cache = None
     prefix_images = 0
     if use_prefix_cache and point != "image":
-        cache_dtype = torch.bfloat16 if use_amp else torch.float32
         order = np.arange(len(labels))
         chunks = [order[i : i + forward_batch_size] for i in range(0, len(order), forward_batch_size)]
         for idx, (x, _) in zip(chunks, test.batches(chunks, num_workers)):
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast():
                 h = forward_prefix(model, site, x.to(dev))
             if cache is None:
-                print(_describe_cache(len(labels), tuple(h.shape[1:]), cache_dtype, point), flush=True)
+                print(_describe_cache(len(labels), tuple(h.shape[1:]), h.dtype, point), flush=True)
                 try:
-                    cache = PrefixCache(len(labels), tuple(h.shape[1:]), cache_dtype, max_cache_bytes)
+                    cache = PrefixCache(len(labels), tuple(h.shape[1:]), h.dtype, max_cache_bytes)
                 except _NoRoom as e:
                     print(f"noisynn: {e}; every protocol runs the whole network instead", flush=True)
                     break
             cache.put(idx, h)
             prefix_images += len(idx)
     prefix_seconds = time.time() - t0
-    runner = _Runner(model, site, test, labels, cache, dev, use_amp, num_workers, forward_batch_size)
+    runner = _Runner(model, site, test, labels, cache, dev, autocast, num_workers, forward_batch_size)
 
     from tqdm import tqdm
 
@@ -392,7 +424,8 @@ def evaluate_group(
         "prefix_cache": ("off" if not use_prefix_cache else "full-forward fallback" if point == "image" and site != "image"
                          else "memory-mapped" if cache is not None and cache.on_disk else "memory" if cache is not None
                          else "none (no room)" if point != "image" else "not needed (noise at the image)"),
-        "dtype": "bfloat16" if use_amp else "float32",
+        "dtype": dtype_name,  # of the autocast, float32 without one
+        "prefix_cache_dtype": _dtype_name(cache.dtype) if cache is not None else None,
         "device": dev.type,
         "test_batch_size": test_batch_size,
         "forward_batch_size": forward_batch_size,
@@ -405,6 +438,8 @@ def evaluate_group(
         "other_data": other_data,
         "checkpoint_data_fingerprint": trained_on,
         "checkpoint_train_args": meta.get("train_args"),
+        # k of the checkpoint's fine-tuning (each protocol's own k is its batch_size)
+        "checkpoint_noise_batch": meta.get("noise_batch"),
         "evaluations": evaluations,
         **provenance(seed),
     }

@@ -520,6 +520,18 @@ def cache_point(model: nn.Module, site: str) -> str:
     return m.group(1)
 
 
+# Bytes per value of the prefix cache under a 16-bit autocast: the cache keeps the dtype the forward
+# carries at the cache point (evaluate.PrefixCache), measured by a test for every family: a ViT's
+# residual stream stays float32 (its LayerNorms run in float32 and promote each residual sum); a
+# CNN's maps, and Swin's (its patch merging ends in a Linear), are in the autocast dtype.
+_STREAM_BYTES = {"vit": 4, "swin": 2, "resnet": 2, "efficientnet": 2}
+
+
+def cache_bytes_per_value(model: nn.Module) -> int:
+    """Bytes per cached value under bf16/fp16 autocast (4, float32, for a family not in the table)."""
+    return _STREAM_BYTES.get(model_family(model), 4)
+
+
 def can_split(model: nn.Module, site: str) -> bool:
     """Whether the forward pass can be cut at ``site``'s block (else the full forward runs)."""
     return cache_point(model, site) != "image"

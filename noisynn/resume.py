@@ -1,8 +1,9 @@
 """A training's resume state in ``<run>/recovery/``: safetensors and JSON, never a pickle.
 
 Rank 0 writes the model, the optimizer and the epoch's rows (``state.safetensors``, ``state.json``);
-every rank, rank 0 included, writes its own random streams and the partial sums of the epoch it
-stopped in (``rank-<r>.safetensors``): under torchrun each process draws its own training noise
+every rank, rank 0 included, writes its own random streams (torch's CPU generator, its CUDA
+generator where there is one, the noise's) and the partial sums of the epoch it stopped in
+(``rank-<r>.safetensors``): under torchrun each process draws its own training noise
 and counts its own share of the loss, so each must resume its own. All files carry the position
 (epoch, step) they were saved at; a set that disagrees, or that belongs to other settings, data or
 starting weights, is discarded with a message and training starts over.
@@ -46,6 +47,9 @@ def save(recovery: Path, dist, model, optimizer, noise_rng, progress: dict, part
 
     position = {"epoch": str(progress["epoch"]), "step": str(progress["step"])}
     mine = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        # dropout and drop-path on the GPU draw from this process's CUDA generator
+        mine["rng.cuda"] = torch.cuda.get_rng_state()
     if noise_rng is not None:
         mine["rng.noise"] = noise_rng.cpu()
     # the partial sums travel as exact strings (float.hex) in the metadata
@@ -157,4 +161,6 @@ def load(recovery: Path, dist, device, model, optimizer):
         opt_state["state"][int(pid)] = {name: shared[f"optim.{pid}.{name}"] for name in keys}
     optimizer.load_state_dict(opt_state)
     torch.set_rng_state(mine["rng.torch"])
+    if "rng.cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["rng.cuda"])
     return meta, mine.get("rng.noise"), sums

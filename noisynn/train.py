@@ -19,6 +19,7 @@ import contextlib
 import csv
 import io
 import math
+import os
 import shutil
 import signal
 import time
@@ -54,7 +55,14 @@ from noisynn.models import (
 )
 from noisynn.noise import NoiseSpec
 from noisynn.orders import forward_calls
-from noisynn.pipeline.config import learning_rate, training_defaults, training_problem, validate_training_section
+from noisynn.pipeline.config import (
+    learning_rate,
+    mixes_batch,
+    noise_batch_problem,
+    training_defaults,
+    training_problem,
+    validate_training_section,
+)
 from noisynn.resume import identity_difference
 from noisynn.vocab import APPLY
 
@@ -84,11 +92,13 @@ class TrainConfig:
     weight_decay: float = _DEFAULTS["weight_decay"]
     label_smoothing: float = _DEFAULTS["label_smoothing"]
     eval_batch_size: int = _DEFAULTS["eval_batch_size"]
+    noise_batch: int | None = _DEFAULTS["noise_batch"]  # k; None: batch_size (see forward_batch)
     num_workers: int = _DEFAULTS["num_workers"]
     seed: int = 0
     noise: dict = field(default_factory=lambda: {"kind": "none"})
     site: str | None = None
     apply: str = "train+eval"  # eval: the noise in validation only; train+eval: in training too
+    monitor_test: bool = _DEFAULTS["monitor_test"]  # also score the test split after every epoch (record_epoch)
     amp: bool = True  # bf16 autocast, CUDA only
 
     @classmethod
@@ -108,6 +118,8 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "lr"):
             if getattr(self, key) is None:
                 raise UserError(f"training key {key} is required (the training section of the config, or --train).")
+        if self.noise_batch is not None and (isinstance(self.noise_batch, bool) or int(self.noise_batch) < 1):
+            raise UserError(f"noise_batch must be a positive integer or null; got {self.noise_batch!r}.")
         for key in ("batch_size", "eval_batch_size"):
             if int(getattr(self, key)) < 1:
                 raise UserError(f"{key} must be a positive integer; got {getattr(self, key)}.")
@@ -140,6 +152,27 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return learning_rate(epoch, cfg.epochs, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.warmup_lr)
 
 
+def forward_batch(cfg: TrainConfig, world: int) -> int:
+    """k: the samples of each training forward pass, which a batch-axis noise mixes.
+
+    Each of ``world`` processes takes ``batch_size / world`` samples of every global batch; it runs
+    them in passes of ``noise_batch`` (accumulating the gradients) when declared, else at once. A
+    noise that mixes the batch must get the k the config declares (by default ``batch_size``),
+    whatever the number of processes: a run where it would not is refused
+    (``config.noise_batch_problem``).
+    """
+    mixing = cfg.apply == "train+eval" and NoiseSpec.from_dict(cfg.noise).kind != "none" and mixes_batch(cfg.noise)
+    if mixing or cfg.noise_batch:
+        problem = noise_batch_problem(cfg.batch_size, cfg.noise_batch, world)
+        if problem:
+            raise UserError(f"{cfg.stage} of {cfg.out_dir}: key noise_batch (the training section, or --train): {problem}.")
+        return cfg.noise_batch or cfg.batch_size
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes; "
+                        f"use a multiple of {world}.")
+    return cfg.batch_size // world
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The epoch's shuffled training batches: a function of (seed, epoch) alone, so resuming needs no RNG state."""
     perm = np.random.default_rng([seed, epoch]).permutation(n)
@@ -165,21 +198,58 @@ class Interrupted(Exception):
 
 
 @torch.no_grad()
-def validate(model, split, batch_size: int, device, order_seed: int | None = None, num_workers: int = 0) -> float:
-    """Top-1 accuracy on a split (sequential order, or shuffled from ``order_seed``), in batches of
-    ``batch_size`` (what a noise on the batch axis mixes); up to 256 images share a forward call,
-    each batch noised alone (``inject.joined_batches``)."""
+def correct_per_image(model, split, batches: list[np.ndarray], device, num_workers: int = 0,
+                      amp: bool = False) -> np.ndarray:
+    """Whether each image of a split is classified correctly when cut into ``batches`` (what a noise
+    on the batch axis mixes; images in no batch count as wrong); up to 256 images share a forward
+    call, each batch noised alone (``inject.joined_batches``); ``amp``: under bf16 autocast."""
     model.eval()
+    hits = np.zeros(len(split), dtype=bool)
+    calls = forward_calls(batches, 256)
+    for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
+        with joined_batches([len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x.to(device, non_blocking=True))
+        hits[np.concatenate(call)] = (logits.argmax(-1).cpu() == y).numpy()
+    return hits
+
+
+@torch.no_grad()
+def validate(model, split, batch_size: int, device, order_seed: int | None = None, num_workers: int = 0,
+             dist: Distributed | None = None, amp: bool = False) -> float:
+    """Top-1 accuracy on a split (sequential order, or shuffled from ``order_seed``), in batches of
+    ``batch_size``. Under torchrun each process takes whole batches (``dist.shard``) and the counts
+    are summed, as timm's validation reduces its metrics; ``amp``: under bf16 autocast, as the
+    training's forward passes."""
     n = len(split)
     idx = np.arange(n) if order_seed is None else np.random.default_rng(order_seed).permutation(n)
     batches = [idx[i : i + batch_size] for i in range(0, n, batch_size)]
-    calls = forward_calls(batches, 256)
-    correct = 0
-    for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
-        with joined_batches([len(b) for b in call]):
-            logits = model(x.to(device, non_blocking=True))
-        correct += int((logits.argmax(-1).cpu() == y).sum())
+    if dist is not None:
+        batches = dist.shard(batches)
+    correct = int(correct_per_image(model, split, batches, device, num_workers, amp).sum())
+    if dist is not None:
+        correct = int(dist.sum([correct], device)[0])
     return correct / max(1, n)
+
+
+def record_epoch(folder: Path, epoch: int, model, data, batch_size: int, device, num_workers: int) -> None:
+    """For measuring model selection on the test set (``noisynn selection``): after an epoch, each
+    val and test image's correctness, both splits read class-sorted in batches of ``batch_size`` (the
+    released protocol's order; a test list sorted by class in its own order), the noise as in validation."""
+    from noisynn.io.atomic import atomic_path
+    from noisynn.orders import test_batches
+
+    arrays = {}
+    for name, split in (("val", data.val), ("test", data.test)):
+        batches = test_batches(np.asarray(split.labels), "class_sorted", batch_size)
+        arrays[f"{name}_correct"] = correct_per_image(model, split, batches, device, num_workers)
+        batch_of = np.empty(len(split), dtype=np.int64)
+        for j, b in enumerate(batches):
+            batch_of[b] = j
+        arrays[f"{name}_batch"] = batch_of
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"epoch_{epoch + 1:04d}.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
 
 
 def _summary_csv(rows: list[dict]) -> str:
@@ -208,6 +278,7 @@ class _Run:
     identity: dict
     stop: StopFlag
     stop_after_steps: int | None
+    noise_batch: int  # k: the samples of each forward pass (forward_batch)
     steps_done: int = 0
 
 
@@ -231,21 +302,27 @@ def train_one_epoch(run: _Run, epoch: int, first_step: int, partial: dict, rows:
                disable=not dist.is_main, leave=False, mininterval=2)
     for step, (x, y) in enumerate(bar, start=first_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = run.train_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            # every later step would be NaN too; the last epoch's resume state is kept
-            raise UserError(f"{cfg.stage} of {cfg.out_dir}: the training loss is {value} at epoch {epoch + 1} step "
-                            f"{step + 1} (lr {run.optimizer.param_groups[0]['lr']:g}); the weights diverged: lower lr, "
-                            "or check the data and the noise.")
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # passes of k samples (the last batch of an epoch may be shorter); their gradients add up to
+        # the gradient of the process's share, synchronised across processes on the last pass only
+        parts = list(zip(x.split(run.noise_batch), y.split(run.noise_batch)))
+        for j, (xp, yp) in enumerate(parts):
+            last = j == len(parts) - 1
+            with run.train_model.no_sync() if dist.enabled and not last else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = run.train_model(xp)
+                    loss = F.cross_entropy(logits.float(), yp, label_smoothing=cfg.label_smoothing)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    # every later step would be NaN too; the last epoch's resume state is kept
+                    raise UserError(f"{cfg.stage} of {cfg.out_dir}: the training loss is {value} at epoch {epoch + 1} "
+                                    f"step {step + 1} (lr {run.optimizer.param_groups[0]['lr']:g}); the weights "
+                                    "diverged: lower lr, or check the data and the noise.")
+                (loss if len(parts) == 1 else loss * (len(yp) / len(y))).backward()
+            loss_sum += value * len(yp)
+            correct += int((logits.argmax(-1) == yp).sum())
+            seen += len(yp)
         run.optimizer.step()
-        loss_sum += value * len(y)
-        correct += int((logits.argmax(-1) == y).sum())
-        seen += len(y)
         run.steps_done += 1
         interrupted = run.stop.raised or (run.stop_after_steps is not None and run.steps_done >= run.stop_after_steps)
         if dist.any_flag(interrupted, device):
@@ -276,6 +353,8 @@ def save_final(run: _Run, model_cfg: dict, rows: list[dict], transfer: dict | No
             "init_checkpoint": cfg.init_checkpoint,
             "train_args": asdict(cfg),
             "world_size": dist.world,
+            # k: the samples of each training forward pass, which a batch-axis noise mixed
+            "noise_batch": run.noise_batch,
             "final": result["final"],
             "transfer": transfer,
             "run_identity": run.identity,  # a rerun with the same identity has nothing to do
@@ -328,10 +407,8 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None, overwrite: bool
     if cfg.init_checkpoint:
         inputs["the folder of the starting checkpoint (--init)"] = Path(cfg.init_checkpoint).parent
     check_not_an_input(out, f"{cfg.stage} --out", inputs)
+    k = forward_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group is formed
     dist = Distributed()
-    if dist.enabled and cfg.batch_size % dist.world:
-        raise UserError(f"batch_size {cfg.batch_size} does not split evenly over {dist.world} processes; "
-                        f"use a multiple of {dist.world}.")
     device = dist.device()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
@@ -371,7 +448,7 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None, overwrite: bool
 
         check_site(model, cfg.site)
     if spec.kind != "none":
-        for batch in sorted({cfg.batch_size, cfg.eval_batch_size}):
+        for batch in sorted({k, cfg.eval_batch_size}):
             check_noises_act(dry, cfg.site, [spec], (batch, data.in_chans, data.image_size, data.image_size),
                              f"{cfg.stage} of {out}: {what} at site {cfg.site}")
     model.to(device)
@@ -384,28 +461,40 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None, overwrite: bool
                 for path in (out / "model.safetensors", out / "model.json"):
                     path.unlink(missing_ok=True)
         result = _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out, identity,
-                               stop_after_steps)
+                               stop_after_steps, k)
     return result
 
 
-def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out: Path, identity: dict,
-                  stop_after_steps) -> dict:
-    """The part of ``train`` that writes the run folder (rank 0 holds its lock meanwhile)."""
+def prepare_model(model, cfg: TrainConfig, spec: NoiseSpec, dist: Distributed, device: torch.device,
+                  sync_batchnorm: bool | None = None):
+    """(the model, what the optimizer steps run: the model or its DDP wrapper, the noise's handle).
+
+    Under torchrun on GPUs (``sync_batchnorm`` None) every BatchNorm becomes a SyncBatchNorm, one set
+    of statistics over the global batch. The conversion replaces those modules, so the noise is
+    hooked in afterwards: a hook on a BatchNorm (a site such as ``layer4.2.bn1``) would stay on the
+    replaced module and never fire.
+    """
+    if (dist.enabled and device.type == "cuda") if sync_batchnorm is None else sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     handle = None
     if spec.kind != "none":
         handle = inject(model, cfg.site, spec, at_train=cfg.apply == "train+eval", at_eval=True, seed=cfg.seed + dist.rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_model = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        if device.type == "cuda":  # SyncBatchNorm runs on GPUs only
-            # one set of BatchNorm statistics over the whole global batch, not per shard
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    return model, train_model, handle
+
+
+def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out: Path, identity: dict,
+                  stop_after_steps, k: int) -> dict:
+    """The part of ``train`` that writes the run folder (rank 0 holds its lock meanwhile)."""
+    model, train_model, handle = prepare_model(model, cfg, spec, dist, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     run = _Run(cfg, dist, device, model, train_model, optimizer, data, handle, out / "recovery", identity, StopFlag(),
-               stop_after_steps)
+               stop_after_steps, k)
     resume.discard_foreign(run.recovery, identity, dist.is_main)
     dist.barrier()
     rows: list[dict] = []
@@ -435,11 +524,15 @@ def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out
                    "val_top1_clean": None, "val_top1_noisy": None, "epoch_seconds": round(time.time() - t0, 3)}
             if handle is not None:
                 handle.enabled = False
-            row["val_top1_clean"] = validate(model, data.val, 256, device, num_workers=cfg.num_workers)
+            use_amp = cfg.amp and device.type == "cuda"
+            row["val_top1_clean"] = validate(model, data.val, 256, device, num_workers=cfg.num_workers, dist=dist,
+                                             amp=use_amp)
             if handle is not None:
                 handle.enabled = True
                 row["val_top1_noisy"] = validate(model, data.val, cfg.eval_batch_size, device, order_seed=cfg.seed,
-                                                 num_workers=cfg.num_workers)
+                                                 num_workers=cfg.num_workers, dist=dist, amp=use_amp)
+            if cfg.monitor_test and dist.is_main:
+                record_epoch(out / "selection", epoch, model, data, cfg.eval_batch_size, device, cfg.num_workers)
             rows.append(row)
             if dist.is_main:
                 print(f"{cfg.stage} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "

@@ -63,7 +63,37 @@ def test_the_reporting_code_reruns_the_report_only(package):
     path = path if path.is_file() else package.joinpath(*rel, "__init__.py")
     path.write_text(path.read_text() + "\n_UNUSED = 1\n")
     codedigest.clear_cache()
-    assert _changed(before, codedigest.all_digests()) == {"report"}
+    figures = {f"figure:{name}" for name in codedigest.figures()}
+    assert _changed(before, codedigest.all_digests()) == {"report", "summary"} | figures
+
+
+def test_editing_one_plotting_function_redraws_that_figure_alone(package):
+    before = codedigest.all_digests()
+    _edit(package / "report/plots.py", '"""Per model: top-1 of the m images of one class against m',
+          '"""Per model: top-1 of the m images of one class against m (a docstring changes nothing)')
+    assert codedigest.all_digests() == before
+    _edit(package / "report/plots.py", "def purity_figure(r: Results, dataset: str):\n",
+          "def purity_figure(r: Results, dataset: str):\n    _unused = 1\n")
+    # the report step as a whole changed; of its jobs, the purity figure alone
+    assert _changed(before, codedigest.all_digests()) == {"report", "figure:purity"}
+
+
+def test_a_helper_shared_by_figures_redraws_each_figure_that_draws_with_it(package):
+    before = codedigest.all_digests()
+    _edit(package / "report/plots.py", '"class_pure": "#ff7f0e"', '"class_pure": "#ff7f0f"')  # one colour
+    changed = _changed(before, codedigest.all_digests()) - {"report"}
+    users = {f"figure:{name}" for name in codedigest.figures()
+             if "noisynn.report.plots:_COLORS" in codedigest.figure_code(name)}
+    assert changed == users and "figure:purity" in users and "summary" not in changed
+
+
+def test_the_summary_follows_the_list_of_figures_not_their_drawing(package):
+    before = codedigest.summary_digest()
+    _edit(package / "report/plots.py", "def layers_figure(r: Results, dataset: str):\n",
+          "def layers_figure(r: Results, dataset: str):\n    _unused = 1\n")
+    assert codedigest.summary_digest() == before
+    _edit(package / "report/plots.py", '"purity": purity_figure}', '"purity": purity_figure, "again": purity_figure}')
+    assert codedigest.summary_digest() != before and "again" in codedigest.figures()
 
 
 def test_the_command_line_of_one_verb_reruns_that_step_only(package):

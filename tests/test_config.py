@@ -74,3 +74,42 @@ def test_missing_or_unparsable_config_file(tmp_path):
     bad.write_text("dataset: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+def _on_processes(resources: dict, **finetune) -> dict:
+    cfg = tiny()
+    cfg["models"]["vit"]["resources"] = resources
+    cfg["finetune"].update(finetune)
+    return cfg
+
+
+@pytest.mark.parametrize("resources", [{"nproc": 2}, {"gpu": 4}])
+def test_a_world_size_that_changes_k_is_refused_with_its_fixes(resources):
+    """tiny's optimal-Q fine-tuning (batch 64) mixes 64 samples on one process; on N it would mix 64 / N."""
+    world = next(iter(resources.values()))
+    with pytest.raises(UserError) as e:
+        validate_config(_on_processes(resources), "tiny.yaml")
+    message = str(e.value)
+    assert message.startswith(f"tiny.yaml: key finetune.noise_batch: model vit trains on {world} processes")
+    assert f"would mix {64 // world}, not the 64" in message
+    assert f"batch_size {64 * world} (64 per process)" in message and f"noise_batch {64 // world}" in message
+
+
+def test_k_declared_for_the_processes_or_no_batch_mixing_noise_in_training_passes():
+    assert validate_config(_on_processes({"nproc": 2}, noise_batch=32), "tiny.yaml")
+    # 2 processes × 32 a step, each in two forward passes of 16 (gradient accumulation)
+    assert validate_config(_on_processes({"nproc": 2}, batch_size=64, noise_batch=16), "tiny.yaml")
+    cfg = _on_processes({"nproc": 2})
+    for entry in cfg["noises"]:
+        entry["apply"] = ["eval"]  # the batch is never mixed in training: k does not matter there
+    assert validate_config(cfg, "tiny.yaml")
+    with pytest.raises(UserError, match="finetune.noise_batch.*would mix 32, not the 24"):
+        validate_config(_on_processes({"nproc": 2}, noise_batch=24), "tiny.yaml")
+
+
+def test_the_paper_config_declares_the_released_k():
+    """The released ViT code fine-tunes at batch 16 on one GPU (runScript.txt: --batch_size 16 --gpu_id 0;
+    NoisyViT-OptimalQ/Main.py builds no DataParallel), so its batch-axis noise mixes 16."""
+    cfg = yaml.safe_load((REPO / "config/paper-imagenet.yaml").read_text())
+    assert cfg["finetune"]["noise_batch"] == cfg["finetune"]["batch_size"] == 16
+    assert all(m["resources"]["gpu"] == 1 for m in cfg["models"].values())

@@ -325,6 +325,44 @@ def test_image_folder_augmentation_is_a_function_of_seed_and_sample(image_folder
     assert not torch.equal(first, other)
 
 
+def test_workers_kept_alive_between_passes_augment_each_pass_with_its_own_seed(image_folder, tmp_path):
+    """One loader serves every epoch (persistent workers): the second epoch must not reuse the first's seed."""
+    import torch
+
+    prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
+    data = load_dataset(tmp_path / "prepared", {"timm_name": "resnet18"}, train_augment=True)
+    everything = [np.arange(9)]
+    in_workers = [next(data.train.batches(everything, num_workers=2, seed=seed))[0] for seed in (5, 6)]
+    in_process = [next(data.train.batches(everything, num_workers=0, seed=seed))[0] for seed in (5, 6)]
+    loader = data.train._loaders[2]
+    assert loader.persistent_workers and loader._iterator is not None, "the workers were not kept"
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, in_process))
+    assert not torch.equal(in_workers[0], in_workers[1])
+
+
+def test_loading_an_augmented_batch_touches_no_global_random_state(image_folder, tmp_path, monkeypatch):
+    """Dropout, drop-path and a training noise draw from the global torch generators (CPU and
+    CUDA): loading data must neither advance them nor reseed them, or they restart every batch."""
+    import random
+
+    import torch
+
+    prepare_image_folder(tmp_path / "prepared", image_folder, image_size=8)
+    data = load_dataset(tmp_path / "prepared", {"timm_name": "resnet18"}, train_augment=True)
+    seeding = []
+    for owner, name in ((torch, "manual_seed"), (torch.random, "manual_seed"), (torch.cuda, "manual_seed"),
+                        (torch.cuda, "manual_seed_all"), (torch, "seed"), (torch.cuda, "seed_all")):
+        monkeypatch.setattr(owner, name, lambda *a, _n=f"{owner.__name__}.{name}", **k: seeding.append(_n))
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    x, _ = next(data.train.batches([np.arange(9)], num_workers=0, seed=5))
+    assert x.shape[0] == 9
+    assert seeding == [], f"loading a batch called {seeding}"
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == py_state
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+
+
 def test_image_folder_uses_the_normalization_of_the_models_weights(image_folder, tmp_path):
     import timm
 

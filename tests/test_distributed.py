@@ -18,6 +18,8 @@ import pytest
 import yaml
 from workflow_helpers import REPO, copy_repo, snakemake
 
+from noisynn.errors import UserError
+
 # The tiny config's ViT at 8 px: under a second per epoch on one CPU.
 VIT_8PX = {
     "timm_name": "vit_tiny_patch16_224",
@@ -105,12 +107,63 @@ def test_two_process_resume_with_training_noise_is_bit_exact(pretrained, tmp_pat
     assert rows(resumed) == rows(whole)
 
 
+@pytest.mark.slow
+def test_two_process_noise_mixes_exactly_the_declared_k_and_the_sidecar_records_it(pretrained, tmp_path):
+    """k is what a batch-axis noise mixes: 2 processes, 64 samples a step, noise_batch 16 → every
+    noised training batch holds 16 samples (each process runs its 32 in two passes), on both ranks."""
+    data, init = pretrained
+    script = str(Path(__file__).with_name("distributed_capture.py"))
+    out = tmp_path / "run"
+    noisynn(str(data), str(init), str(out), launcher=TORCHRUN_2, script=script)
+    sidecar = json.loads((out / "model.json").read_text())
+    assert sidecar["noise_batch"] == 16 and sidecar["world_size"] == 2
+    assert sidecar["train_args"]["noise_batch"] == 16
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"hook-rank{rank}.json").read_text())
+        training = [rows for is_training, rows in seen if is_training]
+        # 1,078 training images: 16 full steps of 64, each rank 2 passes of 16 a step
+        assert training == [16] * 32, f"rank {rank}: noised training batches of {sorted(set(training))}"
+        assert any(not is_training for is_training, _ in seen), "the noisy validation ran too"
+
+
+@pytest.mark.slow
+def test_validation_sharded_over_two_processes_measures_what_one_process_measures(pretrained):
+    data, init = pretrained
+    script = str(Path(__file__).with_name("distributed_validate.py"))
+    one = json.loads(noisynn(str(data), str(init), script=script).strip().splitlines()[-1])
+    two = json.loads(noisynn(str(data), str(init), script=script, launcher=TORCHRUN_2).strip().splitlines()[-1])
+    assert (two["clean"], two["noisy"]) == (one["clean"], one["noisy"])
+    # each process ran its own whole test batches, twice over the split (clean, then noisy)
+    assert one["images"] == [2 * one["n"]]
+    assert sum(two["images"]) == 2 * two["n"] and min(two["images"]) > 0 and max(two["images"]) < 2 * two["n"]
+
+
+def test_a_world_size_that_would_change_k_is_refused_before_any_step(tmp_path, monkeypatch):
+    from noisynn.train import TrainConfig, train
+
+    cfg = TrainConfig.from_section({"epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_epochs": 0}, out_dir=str(tmp_path / "run"),
+                                   data_dir=str(tmp_path / "no-data"), stage="finetune",
+                                   init_checkpoint=str(tmp_path / "none.safetensors"),
+                                   noise={"kind": "linear-optimal", "axis": "batch"}, site="blocks.1.attn")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UserError, match=r"noise_batch.*4 of the 16 samples.*batch_size 64 \(16 per process\)"):
+        train(cfg)  # refused before the (missing) data or checkpoint is read
+    assert not (tmp_path / "run").exists()
+
+
 def test_workflow_launches_torchrun_when_a_model_asks_for_two_processes(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     # A config file, not `--config models={vit: {resources: {nproc: 2}}}`: Snakemake reads the
     # nested values of --config as strings, so nproc would be '2'.
     config = yaml.safe_load((repo / "config/tiny.yaml").read_text())
     config["models"]["vit"]["resources"] = {"nproc": 2}
+    (repo / "config/tiny-nproc2.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # its optimal-Q fine-tuning would mix 32 samples per process, not the 64 of batch_size: refused
+    refused = snakemake(repo, "-n", "--workflow-profile", "none", "--configfile", "config/tiny-nproc2.yaml", check=False)
+    assert refused.returncode != 0
+    assert "key finetune.noise_batch: model vit trains on 2 processes" in refused.stdout + refused.stderr
+    assert "Shell command:" not in refused.stdout + refused.stderr
+    config["finetune"]["noise_batch"] = 32  # declared: each process mixes its 32
     (repo / "config/tiny-nproc2.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     dry = snakemake(repo, "-n", "-p", "--workflow-profile", "none", "--configfile", "config/tiny-nproc2.yaml")
     output = dry.stdout + dry.stderr

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from noisynn.data import load_dataset, released_metric
 from noisynn.data import test_batches as order_batches  # aliased: pytest would collect a test_* name
@@ -79,6 +80,37 @@ def test_test_batches_sharing_a_forward_call_predict_what_batch_by_batch_forward
         assert joined["protocols"]["released"]["mixed_axis_size"] == 10
 
 
+# The tolerance of a bf16 comparison: the cached and the uncached path compute the same network
+# (the cache keeps the dtype the forward carries there), but their forward calls group the images
+# differently, so a near-tie may still round the other way; measured: 0 of 360 on this CPU.
+BF16_FLIPS_ALLOWED = 2
+
+
+@pytest.mark.parametrize(("run_name", "site"), [("vit_run", "blocks.0.attn"), ("vit_run", "blocks.3.attn"),
+                                                ("resnet_run", "layer1.0"), ("resnet_run", "layer4.0")])
+def test_bf16_autocast_on_cpu_cached_and_uncached_predict_alike(request, digits_dir, run_name, site, tmp_path):
+    from noisynn.cli import main
+
+    run = request.getfixturevalue(run_name)
+    common = ["evaluate", "--checkpoint", str(run.checkpoint), "--data", str(digits_dir), "--site", site,
+              "--noise", json.dumps(OPTIMAL_BATCH), "--device", "cpu", "--amp", "--amp-dtype", "bfloat16",
+              "--protocols", "clean,released,shuffled"]
+    assert main([*common, "--out", str(tmp_path / "cached.json"), "--predictions", str(tmp_path / "cached.npz")]) == 0
+    assert main([*common, "--out", str(tmp_path / "full.json"), "--predictions", str(tmp_path / "full.npz"),
+                 "--no-prefix-cache"]) == 0
+    cached, full = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cached", "full"))
+    assert cached["dtype"] == full["dtype"] == "bfloat16" and cached["device"] == "cpu"
+    # a ViT's residual stream is float32 under autocast, a ResNet's maps bfloat16: the cache keeps either
+    assert cached["prefix_cache_dtype"] == ("float32" if run_name == "vit_run" else "bfloat16")
+    assert full["prefix_cache_dtype"] is None
+    a, b = np.load(tmp_path / "cached.npz"), np.load(tmp_path / "full.npz")
+    for key in [k for k in a.files if k.endswith("/pred")]:
+        assert (a[key] != b[key]).sum() <= BF16_FLIPS_ALLOWED, key
+    # without --amp the CPU evaluates in float32, as the workflow's CPU jobs do
+    f32 = evaluate_checkpoint(run.checkpoint, digits_dir, OPTIMAL_BATCH, site, protocols=("released",), device="cpu")
+    assert f32["dtype"] == "float32" and f32["prefix_cache_dtype"] == "float32"
+
+
 def test_prefix_cache_on_disk_predicts_what_the_in_memory_cache_predicts(vit_run, digits_dir):
     in_memory = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, protocols=("released",))
     on_disk = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, protocols=("released",),
@@ -90,6 +122,8 @@ def test_results_hold_every_protocol_and_follow_from_the_predictions(vit_run, di
     result = evaluate_checkpoint(vit_run.checkpoint, digits_dir, OPTIMAL_BATCH, vit_run.last_site, test_batch_size=10)
     assert set(result["protocols"]) == set(PROTOCOLS)
     json.dumps({k: v for k, v in result.items() if k != "predictions"})  # the CLI writes it as JSON
+    # k of the checkpoint's training (its batch, one process), beside each protocol's own (batch_size)
+    assert result["checkpoint_noise_batch"] == vit_run.recipe["batch_size"]
     for name, r in result["protocols"].items():
         p = PROTOCOL_DEFS[name]
         order, batch_size, noise_on = p.order, p.batch_size, p.noise_on
@@ -162,6 +196,9 @@ def test_checkpoint_on_images_of_another_size_is_refused(vit_run, tmp_path):
         ({"site": "blocks.9.attn"}, "blocks.3.attn"),  # the message lists the valid sites
         ({"protocols": ("clean", "sorted")}, "sorted"),
         ({"test_batch_size": 0}, "test_batch_size"),
+        ({"device": "gpu0"}, "--device"),
+        ({"amp": True, "amp_dtype": "float8"}, "--amp-dtype"),
+        *([] if torch.cuda.is_available() else [({"device": "cuda"}, "--device cpu")]),
     ],
 )
 def test_bad_evaluation_settings_are_user_errors(vit_run, digits_dir, kwargs, key):

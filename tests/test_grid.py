@@ -23,9 +23,22 @@ def test_noise_tokens_are_readable_and_distinct():
     assert noise_token({"kind": "linear-shift", "alpha": 0.3, "axis": "batch", "neighbour": "previous",
                         "detach": False}) == "linear-shift_a0.3_batch"
     grid = Grid(load_config(REPO / "config/config.yaml"))
-    tokens = list(grid.noises)
-    assert len(tokens) == len(set(tokens))
-    assert all("/" not in t and " " not in t for t in tokens)
+    assert all("/" not in t and " " not in t for t in grid.noises)
+
+
+def test_two_settings_that_one_path_token_would_name_are_refused_at_the_config_check():
+    import pytest
+
+    from noisynn.errors import UserError
+
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    gaussian = next(i for i, n in enumerate(cfg["noises"]) if n["kind"] == "gaussian")
+    cfg["noises"][gaussian]["strength"] = [0.1, 0.1000001]  # both gaussian_s0.1: one would overwrite the other
+    with pytest.raises(UserError, match=rf"my.yaml: key noises.{gaussian}: the noise settings strength = 0.1 and "
+                                        r"0.1000001 share the path token gaussian_s0.1"):
+        validate_config(cfg, "my.yaml", check_folders=False)
+    cfg["noises"][gaussian]["strength"] = [0.1, 0.100001]  # distinct within 6 digits: distinct tokens
+    assert {"gaussian_s0.1", "gaussian_s0.100001"} <= set(Grid(validate_config(cfg, "my.yaml", check_folders=False)).noises)
 
 
 def test_eval_only_noise_reuses_the_vanilla_checkpoint():

@@ -13,6 +13,8 @@ on the meta device, where only the module structure (and the order of the forwar
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -23,6 +25,7 @@ import noisynn.inject as inject_module
 from noisynn.errors import UserError
 from noisynn.inject import (
     all_sites,
+    cache_bytes_per_value,
     cache_point,
     can_split,
     check_site,
@@ -800,3 +803,31 @@ def test_all_sites_of_a_meta_model_are_traced_without_compute_and_without_noise(
     model.train()
     all_sites(model)
     assert model.training and all(m.training for m in model.modules())
+
+
+def _bf16_cases():
+    cases = []
+    for name, build in [*MODELS.items(), *((n, functools.partial(_family_model, n)) for n in FAMILY_MODELS)]:
+        sites = valid_sites(build())[1:]
+        # an early and the last site, and the first sub-module site (a block's attention input)
+        picked = dict.fromkeys([sites[0], sites[-1], *[s for s in sites if s.endswith(".attn")][:1]])
+        cases += [(name, site) for site in picked]
+    return cases
+
+
+@pytest.mark.parametrize("name, site", _bf16_cases())
+def test_under_bf16_autocast_the_cached_path_computes_what_the_full_forward_computes(name, site):
+    """The cache keeps the dtype the forward carries at the cache point (a ViT's float32 residual
+    stream, a ResNet's bfloat16 maps): cut there, the suffix is the same network, bit for bit."""
+    model = MODELS[name]() if name in MODELS else _family_model(name)
+    x = _images_for(name) if name in MODELS else _family_images(name)
+    injection = inject(model, site, OPTIMAL_BATCH)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model.eval()(x)
+        injection.enabled = False
+        hidden = forward_prefix(model, site, x)
+        injection.enabled = True
+        split = forward_suffix(model, site, hidden)
+    assert torch.equal(split, full), f"max |difference| {float((split.float() - full.float()).abs().max()):.3g}"
+    # what the cost estimate counts per cached value is what the cache holds
+    assert hidden.element_size() == cache_bytes_per_value(model), hidden.dtype

@@ -8,6 +8,7 @@ import pytest
 import report_fixture as fx
 from conftest import assert_user_error
 
+from noisynn.report import stats
 from noisynn.report.results import Results, load_evaluations, load_sweeps, site_key
 
 
@@ -29,33 +30,65 @@ def test_the_built_in_gain_is_raised_and_its_interval_excludes_zero(r):
     recipe = _setting(r)
     for protocol in ("released", "class_pure"):
         ch = r.change(recipe, protocol)
-        assert ch.verdict == "raised" and ch.interval.low > 0, protocol
+        assert r.verdict(recipe, protocol).word == "raised" and ch.interval.low > 0, protocol
     shuffled = r.change(recipe, "shuffled")
-    assert shuffled.verdict == "lowered" and shuffled.interval.high < 0
+    assert r.verdict(recipe, "shuffled").word == "lowered" and shuffled.interval.high < 0
 
 
 def test_a_null_setting_has_no_evidence(r):
-    ch = r.change(_setting(r, noise="linear-shift_a0.3_batch"), "released")
-    assert ch.verdict == "no evidence" and ch.interval.low < 0 < ch.interval.high
+    null = _setting(r, noise="linear-shift_a0.3_batch")
+    ch = r.change(null, "released")
+    assert r.verdict(null, "released").word == "no evidence" and ch.interval.low < 0 < ch.interval.high
+    assert ch.interval.mde > abs(ch.interval.estimate)
 
 
-def test_the_change_is_paired_on_the_images_and_mcnemar_counts_the_discordant_ones(r):
+def test_the_change_is_paired_on_the_images_and_the_test_counts_the_discordant_ones(r):
     recipe = _setting(r)
     ch = r.change(recipe, "released")
     mine = [fx.setting_correct("vit", fx.RECIPE, "eval", recipe.site, s, "released")[0] for s in fx.SEEDS]
     ref = [fx.vanilla_correct("vit", s) for s in fx.SEEDS]
-    assert ch.b == sum(int((m & ~v).sum()) for m, v in zip(mine, ref))
-    assert ch.c == sum(int((~m & v).sum()) for m, v in zip(mine, ref)) == 0  # the built-in gain only adds
+    assert ch.test.b == sum(int((m & ~v).sum()) for m, v in zip(mine, ref))
+    assert ch.test.c == sum(int((~m & v).sum()) for m, v in zip(mine, ref)) == 0  # the built-in gain only adds
     assert ch.interval.estimate == pytest.approx(np.mean([m.mean() - v.mean() for m, v in zip(mine, ref)]))
 
 
-def test_a_batch_mixing_protocol_resamples_batches_and_a_per_image_one_resamples_images(r):
-    n_batches = fx.N // fx.BATCH * len(fx.SEEDS)
+def test_a_batch_mixing_protocol_counts_batches_and_a_per_image_one_images_once_over_the_seeds(r):
+    n_batches = fx.N // fx.BATCH
+    # the class-sorted batches are the same in every seed: one set of units, shared
     assert r.accuracy(_setting(r), "released").n_units == n_batches
-    assert r.accuracy(_setting(r, noise="impulse_p0.1"), "shuffled").n_units == n_batches
-    assert r.accuracy(_setting(r), "clean").n_units == fx.N * len(fx.SEEDS)  # the noise off: images
-    assert r.accuracy(_setting(r, noise="gaussian_s0.5"), "released").n_units == fx.N * len(fx.SEEDS)
-    assert r.accuracy(_setting(r, noise="linear-shift_a0.3_features"), "released").n_units == fx.N * len(fx.SEEDS)
+    assert r.unit(_setting(r), "released") == "batch"
+    # shuffled batches differ by seed: each seed's batches are its own units
+    assert r.accuracy(_setting(r, noise="impulse_p0.1"), "shuffled").n_units == n_batches * len(fx.SEEDS)
+    assert r.accuracy(_setting(r), "clean").n_units == fx.N  # the noise off: the images, not images × seeds
+    assert r.unit(_setting(r), "clean") == "image"
+    assert r.accuracy(_setting(r, noise="gaussian_s0.5"), "released").n_units == fx.N
+    assert r.accuracy(_setting(r, noise="linear-shift_a0.3_features"), "released").n_units == fx.N
+
+
+def test_the_papers_claims_are_one_family_under_holm_and_the_rest_another_under_bh(r):
+    verdicts = r.verdicts()
+    primary = {(s.model, p) for (s, p), v in verdicts.items() if v.family == "primary"}
+    # the released recipe under released, shuffled and class_mixed; under batch1 it is the identity (untested)
+    assert primary == {(m, p) for m in fx.MODELS for p in ("released", "shuffled", "class_mixed")}
+    for m in fx.MODELS:
+        assert verdicts[(r.released_recipe(m), "batch1")].word == "zero by construction"
+    for family, adjust in (("primary", stats.holm), ("other", stats.benjamini_hochberg)):
+        cells = [(k, v) for k, v in verdicts.items() if v.family == family]
+        raw = [r.change(*k).test.pvalue for k, _ in cells]
+        assert np.allclose([v.adjusted_pvalue for _, v in cells], adjust(raw))
+        for (k, v), p in zip(cells, raw):
+            assert v.adjusted_pvalue >= p
+            # the verdict word follows the adjusted decision, not the raw p-value
+            assert (v.word in ("raised", "lowered")) == (v.adjusted_pvalue < 0.05), k
+
+
+def test_a_change_is_zero_by_construction_only_where_the_setting_is_its_reference(r):
+    gaussian = _setting(r, noise="gaussian_s0.5")
+    assert r.change(gaussian, "clean").by_construction  # noise off on the vanilla checkpoint
+    assert r.verdict(gaussian, "clean").word == "zero by construction"
+    assert not r.change(gaussian, "batch1").by_construction  # a Gaussian draw is no identity at k = 1
+    trained = _setting(r, apply="train+eval")
+    assert not r.change(trained, "clean").by_construction  # another checkpoint
 
 
 def test_predictions_that_change_from_batch1_make_a_setting_transductive(r):

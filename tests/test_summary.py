@@ -13,6 +13,7 @@ import pytest
 import report_fixture as fx
 from conftest import assert_user_error
 
+from noisynn.pipeline import codedigest
 from noisynn.report.plots import FIGURES
 from noisynn.report.results import NO_DATA
 from noisynn.report.stats import VERDICT_RULE
@@ -51,6 +52,10 @@ def test_summary_opens_with_the_headline_figure_and_puts_the_audit_figure_below(
 def test_summary_explains_the_verdict_rule_and_calls_each_built_in_effect_by_it(run):
     text = (run["out"] / "SUMMARY.md").read_text()
     assert VERDICT_RULE in text and "one standard deviation" not in text
+    family = text.split("**One family, one error rate.**")[1].split("\n")[0]
+    # two models × released, shuffled, class_mixed (batch1 is the identity there, not tested)
+    assert "6 tested contrasts" in family and "Holm" in family and "Benjamini-Hochberg" in family
+    assert "family-wise error rate" in family and "false discovery" in family
     linear = text.split("### Claim: linear-transform")[1].split("### Claim: Gaussian")[0]
     rows = {(r["model"], r["noise"], r["apply"]): r for r in _md_rows(linear)}
     recipe = rows[("vit", fx.RECIPE, "eval")]
@@ -118,9 +123,10 @@ def test_a_config_without_evaluations_still_writes_every_file(tmp_path_factory):
 
 def test_the_workflow_declares_exactly_the_files_the_report_writes():
     rules = (fx.REPO / "workflow" / "rules" / "report.smk").read_text()
-    lists = {name: ast.literal_eval(re.search(rf"^{name} = (\[.*?\])$", rules, re.M | re.S).group(1))
-             for name in ("FIGURES", "TABLES")}
-    assert tuple(lists["FIGURES"]) == FIGURES and set(lists["TABLES"]) == set(TABLE_NAMES)
+    tables = ast.literal_eval(re.search(r"^TABLES = (\[.*?\])$", rules, re.M | re.S).group(1))
+    # the rules read the figures from the plotting module's source (codedigest.figures), not from a copy
+    assert re.search(r"^FIGURES = list\(figures\(\)\)", rules, re.M) and codedigest.figures() == FIGURES
+    assert set(tables) == set(TABLE_NAMES)
     assert set(GROUPS) == {"summary", *FIGURES}
     assert "tables/cells.csv" in declared_files("summary") and "tables/cells.csv" in rules.replace("{OUT}/", "")
 

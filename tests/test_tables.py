@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import report_fixture as fx
 
-from noisynn.report import compare
+from noisynn.report import compare, stats
 from noisynn.report.results import NO_DATA
 from noisynn.report.summary import make_report
 from noisynn.report.tables import CHANGES_COLUMNS, NOT_RUN, to_booktabs
@@ -41,16 +41,29 @@ def test_cells_hold_the_compare_columns_and_every_setting_under_every_protocol(r
     assert compare.compare(cells, cells).all_consistent
 
 
-def test_changes_give_the_interval_mcnemar_verdict_and_batch_dependence_of_each_setting(run):
+def test_changes_give_the_interval_test_adjusted_p_verdict_and_batch_dependence_of_each_setting(run):
     changes = _table(run, "changes")
     assert list(changes.columns) == CHANGES_COLUMNS
     site = fx.MODELS["vit"][1][-1]
     gain = _row(changes, model="vit", noise=fx.RECIPE, apply="eval", site=site, protocol="released")
     assert gain["verdict"] == "raised" and 0 < float(gain["ci_low"]) < float(gain["change"]) < float(gain["ci_high"])
     assert gain["transductive"] == "True" and float(gain["batch_dependence"]) > 0
-    assert int(gain["mcnemar_c"]) == 0 and float(gain["mcnemar_pvalue"]) < 0.05
+    assert int(gain["worsened"]) == 0 and float(gain["pvalue"]) < 0.05 and gain["test"] == stats.TEST_NAME
+    # the paper's claim: the primary family, Holm; the adjusted p-value is the one the verdict follows
+    assert (gain["family"], gain["adjustment"]) == ("primary", "Holm")
+    assert float(gain["pvalue"]) <= float(gain["adjusted_pvalue"]) < 0.05
+    assert (gain["unit"], int(gain["n_units"])) == ("batch", fx.N // fx.BATCH)  # distinct batches, not × seeds
+    assert 0 < float(gain["mde"]) < float(gain["change"])
     null = _row(changes, model="vit", noise="linear-shift_a0.3_batch", site=site, protocol="class_mixed")
-    assert null["verdict"] == "no evidence"
+    assert null["verdict"] == "no evidence" and null["family"] == "other" and null["adjustment"] == "Benjamini-Hochberg"
+    assert float(null["adjusted_pvalue"]) >= 0.05
+    off = _row(changes, model="vit", noise="gaussian_s0.5", site=site, protocol="clean")  # noise off: the vanilla model
+    assert (off["verdict"], off["family"], off["test"], off["ci_low"], off["ci_high"]) == (
+        "zero by construction", "", "", "0.0", "0.0")
+    shown = (run["out"] / "tables" / "changes.md").read_text()
+    for header in ("MDE (pp)", "sign-flip p", "adjusted p", "improved / worsened"):
+        assert header in shown
+    assert "(Holm)" in shown and "(Benjamini-Hochberg)" in shown
     per_image = _row(changes, model="vit", noise="linear-shift_a0.3_features", site=site, protocol="shuffled")
     assert per_image["transductive"] == "False"
     assert "raised" in (run["out"] / "tables" / "changes.md").read_text()

@@ -127,6 +127,8 @@ def test_run_folder_contract(uninterrupted_finetune, vit_run, digits_dir):
     assert meta["versions"]["timm"] == timm.__version__
     assert meta["git_commit"] and meta["git_commit"] != "unknown"
     assert meta["train_args"]["noise"] == GAUSSIAN
+    # k: one process, noise_batch not declared, so each forward pass held the whole batch
+    assert meta["noise_batch"] == meta["train_args"]["batch_size"] and meta["train_args"]["noise_batch"] is None
     assert (out / "model.safetensors").is_file()
     assert not _temp_files(out)
 
@@ -301,3 +303,52 @@ def test_the_recorded_commit_is_dirty_for_changed_code_not_for_rewritten_results
     assert git_commit(package) == clean
     (tmp_path / "noisynn" / "code.py").write_text("x = 2\n")
     assert git_commit(package) == clean + "-dirty"
+
+
+def test_a_noise_at_a_batchnorm_still_acts_after_the_syncbatchnorm_conversion():
+    """Under torchrun on GPUs every BatchNorm is replaced by a SyncBatchNorm: the noise is hooked in
+    afterwards, so a noise at a BatchNorm site keeps acting (checked here on the CPU, in eval mode)."""
+    from conftest import RESNET_MODEL
+
+    from noisynn.distributed import Distributed
+    from noisynn.models import build_model
+    from noisynn.noise import NoiseSpec
+    from noisynn.train import prepare_model
+
+    model = build_model(RESNET_MODEL, 10, 1).eval()
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    spec = NoiseSpec.from_dict({"kind": "linear-optimal", "axis": "batch"})
+    cfg = TrainConfig(out_dir="unused", data_dir="unused", stage="finetune", epochs=1, batch_size=4, lr=1e-3,
+                      noise=spec.to_dict(), site="layer2.0.bn1")
+    model, train_model, handle = prepare_model(model, cfg, spec, Distributed(), torch.device("cpu"), sync_batchnorm=True)
+    site = model.get_submodule("layer2.0.bn1")
+    assert isinstance(site, torch.nn.SyncBatchNorm)
+    assert train_model is model
+    received = []
+    site.register_forward_hook(lambda module, args, output: received.append(args[0].clone()))
+    with torch.no_grad():
+        handle.enabled = False
+        model.eval()(x)
+        handle.enabled = True
+        model(x)
+    clean, noised = received
+    assert handle.last_input_shape is not None and handle.last_input_shape[0] == 4, "the hook never fired"
+    # the SyncBatchNorm receives every image averaged with the others of its batch (optimal Q)
+    assert not torch.equal(noised, clean)
+    torch.testing.assert_close(noised.mean(0), clean.mean(0))
+
+
+def test_the_resume_state_holds_the_cuda_generator_where_there_is_one(tmp_path, monkeypatch):
+    from noisynn import resume
+    from noisynn.distributed import Distributed
+
+    dist = Distributed()  # one process, on this CUDA-less machine
+    saved, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: saved.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a, **k: restored.append(state.clone()))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    resume.save(tmp_path, dist, model, optimizer, None, {"epoch": 0, "step": 3, "rows": []}, {"loss_sum": 1.0})
+    assert resume.load(tmp_path, dist, torch.device("cpu"), model, optimizer) is not None
+    assert len(restored) == 1 and torch.equal(restored[0], saved)

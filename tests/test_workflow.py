@@ -209,6 +209,11 @@ def test_tiny_workflow_end_to_end_then_noop_then_code_changes_then_incremental(r
     restore = _edited(repo_copy / "noisynn/report/aggregate.py", 'rows.append(row)', 'rows.append(dict(row))')
     assert _dry_counts(repo_copy) == {"aggregate": 1, **REPORT, "default": 1}
     restore()
+    # ... one plotting function redraws its figure alone (the summary links figures, never reads them) ...
+    restore = _edited(repo_copy / "noisynn/report/plots.py", "def purity_figure(r: Results, dataset: str):\n",
+                      "def purity_figure(r: Results, dataset: str):\n    _unused = 1\n")
+    assert _dry_counts(repo_copy) == {"figure_purity": 1}
+    restore()
     # ... and the noise code reruns every evaluation and the trainings whose noise trains, not the
     # pretrainings nor the vanilla fine-tunings
     restore = _edited(repo_copy / "noisynn/noise.py", "return (x + x.sum(dim=dim, keepdim=True)) / (k + 1)",

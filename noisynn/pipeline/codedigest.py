@@ -11,6 +11,12 @@ A training without noise never runs the noise operators, so its digest leaves th
 in ``noise.py`` or ``inject.py`` reruns the evaluations and the trainings whose noise trains, but
 not the vanilla ones.
 
+Each figure of the report is a node of its own (as showyourwork makes each figure's script its
+input): its digest holds the report's code with the plotting module cut down to what that figure
+draws with (its drawing function, and the module's functions and constants those reach, by name),
+and the summary's holds the report's code without the plotting module (it needs only the figures'
+names). So editing one plotting function redraws that figure alone.
+
 ``python -m noisynn.pipeline.codedigest --out FILE`` writes every step's digest; the DVC stage of the
 workflow depends on that file, so ``dvc.lock`` records the code that Snakemake ran.
 """
@@ -75,7 +81,7 @@ def _module_dump(module: str) -> str:
 
 def clear_cache() -> None:
     """Forget the parsed modules (after the files changed)."""
-    for cached in (_tree, _module_dump, _module_imports, step_digest):
+    for cached in (_tree, _module_dump, _module_imports, step_digest, figure_digest, summary_digest):
         cached.cache_clear()
 
 
@@ -138,15 +144,97 @@ def step_code(step: str, with_noise: bool = True) -> dict[str, str]:
 @lru_cache(maxsize=None)
 def step_digest(step: str, with_noise: bool = True) -> str:
     """The digest of the code a step runs (16 hex digits: short in the params, collisions irrelevant)."""
+    return _digest(step_code(step, with_noise))
+
+
+PLOTS_MODULE = "noisynn.report.plots"
+_FIGURE_TABLE = "DRAW"  # the plotting module's dict: figure name → the function that draws it
+
+
+def _top_level(tree: ast.Module) -> tuple[dict[str, ast.AST], list[ast.AST]]:
+    """A module's named top-level definitions (functions, classes, constants) and its other statements."""
+    named, rest = {}, []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            named[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        named[name.id] = node
+        else:
+            rest.append(node)
+    return named, rest
+
+
+def _figure_table(named: dict[str, ast.AST]) -> dict[str, str]:
+    table = named[_FIGURE_TABLE].value
+    return {k.value: v.id for k, v in zip(table.keys, table.values, strict=True)}
+
+
+def figures() -> tuple[str, ...]:
+    """The report's figures, in the plotting module's order."""
+    return tuple(_figure_table(_top_level(_tree(PLOTS_MODULE))[0]))
+
+
+def _plots_part(roots: set[str]) -> dict[str, str]:
+    """The plotting module's definitions that ``roots`` reach by name, and its imports and other statements."""
+    named, rest = _top_level(_tree(PLOTS_MODULE))
+    table = {_FIGURE_TABLE, "FIGURES"}  # the whole list of figures is no figure's code
+    todo, seen = list(roots), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in named or name in table:
+            continue
+        seen.add(name)
+        todo.extend(n.id for n in ast.walk(named[name]) if isinstance(n, ast.Name))
+    part = {f"{PLOTS_MODULE}:{name}": _normalized(named[name]) for name in sorted(seen)}
+    part[f"{PLOTS_MODULE}:<statements>"] = "".join(_normalized(node) for node in rest)
+    return part
+
+
+def figure_code(figure: str) -> dict[str, str]:
+    """What figure ``figure``'s job digests: the report's code with only the plotting code it draws with."""
+    draw = _figure_table(_top_level(_tree(PLOTS_MODULE))[0])
+    if figure not in draw:
+        raise KeyError(f"unknown figure {figure!r}; figures: {', '.join(draw)}")
+    code = {k: v for k, v in step_code("report").items() if k != PLOTS_MODULE}
+    code |= _plots_part({draw[figure], "write_figure"})
+    code[f"{PLOTS_MODULE}:{_FIGURE_TABLE}[{figure}]"] = draw[figure]
+    return code
+
+
+def summary_code() -> dict[str, str]:
+    """What the summary's job digests: the report's code without the plotting module, whose figures'
+    names alone the summary uses (it embeds the figures, which are its inputs)."""
+    code = {k: v for k, v in step_code("report").items() if k != PLOTS_MODULE}
+    code[f"{PLOTS_MODULE}:FIGURES"] = ",".join(figures())
+    return code
+
+
+def _digest(code: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for name, dump in sorted(step_code(step, with_noise).items()):
+    for name, dump in sorted(code.items()):
         h.update(name.encode() + b"\0" + dump.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def figure_digest(figure: str) -> str:
+    return _digest(figure_code(figure))
+
+
+@lru_cache(maxsize=None)
+def summary_digest() -> str:
+    return _digest(summary_code())
 
 
 def all_digests() -> dict[str, str]:
     out = {step: step_digest(step) for step in STEPS}
     out |= {f"{step}:without-noise": step_digest(step, with_noise=False) for step in ("pretrain", "finetune")}
+    out |= {f"figure:{name}": figure_digest(name) for name in figures()}
+    out["summary"] = summary_digest()
     return dict(sorted(out.items()))
 
 

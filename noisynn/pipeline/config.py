@@ -92,17 +92,40 @@ def validate_config(config: dict, source: str = "the config", check_folders: boo
 
     ``check_folders`` False leaves out whether an ImageFolder root exists (for estimates made
     before the data is at hand, ``noisynn cost``)."""
-    import jsonschema
-
     schema = yaml.safe_load(SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
-    if errors:
-        e = _deepest(errors[0])
-        raise UserError(f"{source}: key {_key_path(e)}: {_describe(e)}.")
+    check_against_schema(config, schema, source)
     config = _apply_defaults(schema, copy.deepcopy(config), schema)
     _cross_checks(config, source, check_folders)
     return config
+
+
+def check_against_schema(doc, schema: dict, source: str) -> None:
+    """Refuse ``doc`` if it breaks ``schema``, in one sentence naming ``source`` and the key."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc),
+                    key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        e = _deepest(errors[0])
+        raise UserError(f"{source}: key {_key_path(e)}: {_describe(e)}.")
+
+
+def read_yaml(path: Path, what: str):
+    """The content of a YAML file, or one sentence saying that ``what`` (e.g. "config file") is missing or broken."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; expected a YAML file.")
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{what} {path} is not valid YAML{where} ({problem}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text (expected a YAML file).") from None
 
 
 def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None:
@@ -123,6 +146,42 @@ def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None
             if problem:
                 raise UserError(f"{source}: key {section}.{problem[0]}: {problem[1]}.")
     _check_grid(config, source)
+    _check_noise_batch(config, source)
+
+
+def processes(resources: dict) -> int:
+    """The processes a training job runs under torchrun: its GPUs, else its CPU processes, else one."""
+    return int(resources.get("gpu", 0) or 0) or int(resources.get("nproc", 1) or 1)
+
+
+def mixes_batch(noise: dict) -> bool:
+    """Whether a noise makes a sample's output depend on the other samples of its batch: a linear
+    noise on the batch axis (k = the batch it sees), or impulse noise (its max and min are the batch's)."""
+    kind, axis = noise.get("kind"), noise.get("axis")
+    return kind == "impulse" or (str(kind).startswith("linear") and (axis == "batch" or "batch" in (axis or [])))
+
+
+def noise_batch_problem(batch_size: int, noise_batch: int | None, world: int) -> str | None:
+    """Why ``world`` processes cannot give a batch-mixing training noise the k a training section
+    declares (``noise_batch``, by default ``batch_size``), or None.
+
+    Each process takes ``batch_size / world`` samples of every global batch and runs them in forward
+    passes of k samples (gradient accumulation when k is smaller), so k must divide that share.
+    """
+    k = noise_batch or batch_size
+    if batch_size % world:
+        return f"batch_size {batch_size} does not split evenly over {world} processes; use a multiple of {world}"
+    share = batch_size // world
+    if share % k == 0:
+        return None
+    declared = f"noise_batch {noise_batch}" if noise_batch else f"noise_batch (by default batch_size, {batch_size})"
+    fixes = [f"batch_size {k * world} ({k} per process)"]
+    if share > k:
+        fixes.append(f"a batch_size that is a multiple of {k * world} (each process then accumulates gradients "
+                     f"over forward passes of {k})")
+    fixes.append(f"noise_batch {share} if a noise mixing {share} samples is what you mean")
+    return (f"under {world} processes each forward pass would hold {share} of the {batch_size} samples, so a "
+            f"batch-axis noise would mix {share}, not the {k} of {declared}; set {', or '.join(fixes)}")
 
 
 def learning_rate(epoch: int, epochs: int, lr: float, min_lr: float, warmup_epochs: int, warmup_lr: float) -> float:
@@ -178,6 +237,13 @@ def _check_dataset(ds: dict, key: str, source: str, check_folders: bool = True) 
             differ = sorted(set(train) ^ set(val))[:3]
             raise UserError(f"{source}: key {key}.root: {Path(root) / ds['train_dir']} and {Path(root) / ds['val_dir']} "
                             f"have different class folders (e.g. {', '.join(differ)}); expected the same classes in both.")
+    elif ds["kind"] == "list":
+        for name in ("root", "train_list", "test_list"):
+            if not ds.get(name):
+                raise UserError(f"{source}: key {key}.{name}: expected a path for kind list (root: the folder the "
+                                "lists' paths are relative to; train_list, test_list: `<path> <label>` files).")
+            if check_folders and not Path(ds[name]).exists():
+                raise UserError(f"{source}: key {key}.{name}: {ds[name]} does not exist.")
     elif ds["kind"] == "digits" and ds.get("image_size") not in (8, 16, 32):
         raise UserError(f"{source}: key {key}.image_size: expected 8, 16 or 32 for digits; got {ds.get('image_size')!r}.")
     elif ds["kind"] == "mnist" and ds.get("image_size") not in (8, 16, 28, 32):
@@ -259,6 +325,30 @@ def _check_grid(config: dict, source: str) -> None:
         for key in ("neighbour", "detach"):
             if key in entry and not entry["kind"].startswith("linear"):
                 raise UserError(f"{source}: key noises.{i}.{key}: only the linear noises take {key}; kind is {entry['kind']}.")
+    from noisynn.pipeline.grid import Grid
+
+    try:
+        Grid(config)  # two settings one path token would name: refused here, not overwritten later
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def _check_noise_batch(config: dict, source: str) -> None:
+    """A fine-tuning whose noise mixes the batch gets the k the config declares on every model's
+    processes (finetune.noise_batch, by default finetune.batch_size), or the run stops here."""
+    section = config.get("finetune")
+    if section is None:
+        return
+    trained = [e for e in config["noises"] if "train+eval" in e.get("apply", [])]
+    sweep = config.get("layer_sweep") or {}
+    for name, m in config["models"].items():
+        mixing = any(mixes_batch(e) for e in trained if name in (e.get("models") or config["models"]))
+        mixing = mixing or (sweep.get("apply") == "train+eval" and mixes_batch(sweep) and bool(m.get("layer_sweep_sites")))
+        world = processes(m.get("resources") or {})
+        problem = noise_batch_problem(section["batch_size"], section.get("noise_batch"), world) if mixing else None
+        if problem:
+            raise UserError(f"{source}: key finetune.noise_batch: model {name} trains on {world} processes "
+                            f"(models.{name}.resources); {problem}.")
 
 
 def _check_noise_values(entry: dict, key: str, source: str) -> None:
@@ -276,21 +366,8 @@ def _check_noise_values(entry: dict, key: str, source: str) -> None:
 
 
 def read_config_file(path: Path) -> dict:
-    """A config file's YAML, or a UserError naming the file and the line of a syntax error."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"config file {path} is a folder; expected a YAML file (e.g. config/config.yaml).")
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"config file {path} is not valid YAML{where} ({problem}).") from None
-    except UnicodeDecodeError:
-        raise UserError(f"config file {path} is not UTF-8 text (expected a YAML file).") from None
+    """A config file's mapping of keys, or a UserError naming the file (and the line of a YAML mistake)."""
+    data = read_yaml(path, "config file")
     if data is not None and not isinstance(data, dict):
         raise UserError(f"config file {path} holds a YAML {type(data).__name__}; expected a mapping of keys.")
     return data or {}
@@ -302,9 +379,14 @@ def load_config(path: Path, check_folders: bool = True) -> dict:
 
 def dataset_geometry(ds: dict, model: dict, num_classes: int | None = None) -> dict:
     """(num_classes, in_chans, image_size) of the images a model sees on a dataset of the config;
-    an ImageFolder's classes are its class folders unless ``num_classes`` is given."""
+    an ImageFolder's classes are its class folders, a list dataset's the labels of its lists, unless
+    ``num_classes`` is given."""
     if ds["kind"] in ("digits", "mnist"):
         return {"name": ds["name"], "num_classes": num_classes or 10, "in_chans": 1, "image_size": ds["image_size"]}
+    if num_classes is None and ds["kind"] == "list":
+        from noisynn.listfile import read_list
+
+        num_classes = 1 + max(label for f in (ds["train_list"], ds["test_list"]) for _, label in read_list(Path(f)))
     if num_classes is None:
         num_classes = len([d for d in os.scandir(Path(ds["root"]) / ds["train_dir"]) if d.is_dir()])
     size = model.get("image_size") or (model.get("kwargs") or {}).get("img_size") or ds["image_size"]

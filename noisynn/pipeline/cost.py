@@ -166,8 +166,7 @@ def _architecture(timm_name: str) -> str:
     return timm_name.split(".")[0].split("_")[0].rstrip("0123456789")
 
 
-def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int], float] | None = None,
-             cache_bytes_per_value: int = 2) -> list[dict]:
+def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int], float] | None = None) -> list[dict]:
     """One row per model of a validated config: its groups' passes, full-forward equivalents and hours.
 
     A model takes its own throughput row (its timm name without the weight tag, at its image size)
@@ -175,6 +174,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     (vit, resnet, …) nearest in FLOPs, scaled by the FLOP ratio, and it says so (``throughput_source``).
     A transfer config's models are counted as the evaluation sees them: rebuilt for its data.
     """
+    from noisynn.inject import cache_bytes_per_value
     from noisynn.models import data_kwargs, meta_model
     from noisynn.pipeline.config import dataset_geometry
 
@@ -224,7 +224,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
             suffix += counts["suffix"]
             equivalents += (counts["prefix"] * (1 - split.share) + counts["suffix"] * split.share) / n
             if split.cache_point != "image":
-                cache_gib = max(cache_gib, n * math.prod(split.cache_shape) * cache_bytes_per_value / 2**30)
+                cache_gib = max(cache_gib, n * math.prod(split.cache_shape) * cache_bytes_per_value(model) / 2**30)
             label = f"{site} ({split.share:.1%})"
             if label not in sites:
                 sites.append(label)
@@ -255,7 +255,7 @@ def format_table(rows: list[dict], n: int, runtime_minutes: float | None = None)
              "decoding the images, copying the cached activations back to the GPU, the per-batch noise calls).",
              "",
              "| model | timm | px | sites (FLOPs after the cache point) | jobs | GFLOPs/image | suffix passes | "
-             "full-forward equivalents | largest prefix cache (bf16) | images/s | from | minutes |",
+             "full-forward equivalents | largest prefix cache (bf16 autocast) | images/s | from | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ips = f"{r['images_per_second']:.0f}" if r["images_per_second"] else "—"

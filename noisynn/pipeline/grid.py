@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from noisynn.errors import UserError
 from noisynn.vocab import (
     FINETUNE_PATH,
     GROUP_PATH,
@@ -28,6 +29,9 @@ from noisynn.vocab import (
     Evaluation,
     noise_token,
 )
+
+# the numbers a noise token writes with :g; its words (kind, axis, neighbour, detach) are written whole
+_NUMBERS = ("strength", "alpha", "mean", "std")
 
 __all__ = ["Grid", "EvaluationGroup", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
 
@@ -70,8 +74,7 @@ class Grid:
         for entry in config["noises"]:
             models = entry.get("models") or list(config["models"])
             for noise in self._expand(entry):
-                token = noise_token(noise)
-                self.noises[token] = noise
+                token = self._register(noise, f"noises.{config['noises'].index(entry)}")
                 for model in models:
                     site = config["models"][model]["site"] if noise["kind"] != "none" else "none"
                     applies = ["eval"] if noise["kind"] == "none" else entry.get("apply", ["eval"])
@@ -86,8 +89,7 @@ class Grid:
             for key in ("neighbour", "detach"):
                 if key in sweep:
                     noise[key] = sweep[key]
-            token = noise_token(noise)
-            self.noises[token] = noise
+            token = self._register(noise, "layer_sweep")
             for model, mcfg in config["models"].items():
                 for site in mcfg.get("layer_sweep_sites", []):
                     for seed in seeds:
@@ -99,6 +101,20 @@ class Grid:
             unique.setdefault(e.key, e)
         self.evaluations = list(unique.values())
         self.groups = self._groups()
+
+    def _register(self, noise: dict, key: str) -> str:
+        """The noise's path token, refused where it names another setting already in the grid: the
+        token writes numbers with 6 significant digits, so 0.1 and 0.1000001 would share results."""
+        token = noise_token(noise)
+        known = self.noises.get(token)
+        if known is not None:
+            differ = [k for k in _NUMBERS if k in known or k in noise if float(known.get(k, 0)) != float(noise.get(k, 0))]
+            if differ:
+                raise UserError(f"key {key}: the noise settings {differ[0]} = {known.get(differ[0])} and "
+                                f"{noise.get(differ[0])} share the path token {token} (6 significant digits); "
+                                "make them differ within 6 digits or keep one.")
+        self.noises[token] = noise
+        return token
 
     @staticmethod
     def _expand(entry: dict) -> list[dict]:

@@ -1,7 +1,7 @@
 """Every figure of the report, drawn with matplotlib (Agg) and written as PNG and PDF without timestamps.
 
 No torch import here (nor ``noisynn.evaluate``); matplotlib is imported only when a figure is drawn.
-Error bars and bands are the 95 % bootstrap intervals of ``noisynn.report.results`` (the mean over seeds
+Error bars and bands are the 95 % intervals of ``noisynn.report.results`` (the mean over seeds
 alone where a setting has no per-image predictions). A figure without data says so.
 """
 
@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from noisynn.entropy import delta_entropy_optimal
 from noisynn.io.atomic import atomic_path
 from noisynn.orders import SWEEP_ORDERS
 from noisynn.report.results import NO_DATA, Results, Setting
-from noisynn.report.tables import delta_s_star, entropy_points, seed_mean, strength_settings
+from noisynn.report.tables import entropy_points, seed_mean, strength_settings
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
 
 STRENGTH_PROTOCOLS = ("clean", "released", "shuffled", "batch1")
@@ -226,7 +227,7 @@ def _batch_size_panel(ax, pts: pd.DataFrame, theory: bool):
     if not theory:
         return None
     twin = ax.twinx()
-    twin.plot(ks, delta_s_star(ks), ":", color="grey", label="theory ΔS*(k) = (k−1)·ln(k+1)")
+    twin.plot(ks, [delta_entropy_optimal(int(k)) for k in ks], ":", color="grey", label="theory ΔS*(k) = (k−1)·ln(k+1)")
     twin.set_ylabel("theory ΔS* (nats)")
     twin.grid(False)
     return twin

@@ -7,6 +7,12 @@ only by seed. The unit of dependence is the test batch when the protocol's noise
 applied, and impulse noise or a linear noise on the batch axis), else the image. A *change* pairs the
 same images and seed: the setting under a protocol minus the vanilla model under ``clean``. *Batch
 dependence* is the share of images predicted otherwise than by the same setting under ``batch1``.
+
+One family, one error rate: the *primary* contrasts are the paper's claims, the released recipe
+(``RELEASED_NOISE`` at evaluation only, default site) under ``PRIMARY_PROTOCOLS`` against the vanilla
+model under ``clean``, for each model; their family-wise error is held at 5 % (Holm). Every other
+tested change forms the second family, whose false discovery rate is held at 5 %
+(Benjamini–Hochberg). A change that is zero by construction (see ``Results.identity``) is not tested.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from noisynn.report.aggregate import COLUMNS, KEY, SWEEP_COLUMNS
 from noisynn.vocab import LINEAR_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
 
 CONFIDENCE = 0.95
-N_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0  # every interval uses the same seeded generator, so the same inputs give the same bytes
-_BOOTSTRAP = {"confidence": CONFIDENCE, "n_resamples": N_RESAMPLES, "random_state": BOOTSTRAP_SEED}
+PRIMARY_PROTOCOLS = ("released", "batch1", "shuffled", "class_mixed")
+FAMILIES = {"primary": stats.PRIMARY_ADJUSTMENT, "other": stats.OTHER_ADJUSTMENT}  # family → its adjustment
+BY_CONSTRUCTION = "zero by construction"
 NO_DATA = "no data in this config"
 # a Gaussian draw depends on an image's place in the random stream, not on the other images
 RANDOM_DRAW_KINDS = ("gaussian",)
@@ -118,6 +124,11 @@ class Setting:
         return self.model, kind, 0.0 if x != x else x, self.noise, self.apply != "eval", self.apply, site_key(self.site)
 
     @property
+    def key4(self) -> tuple[str, str, str, str]:
+        """(model, noise, apply, site): the setting's name in the evaluations table."""
+        return self.model, self.noise, self.apply, self.site
+
+    @property
     def family(self) -> str:
         """The line a strength sweep draws: the kind, axis and variant, whatever the strength."""
         return "_".join([self.kind, *([self.axis] if self.axis else []), *(["next"] if self.neighbour == "next" else []),
@@ -132,8 +143,10 @@ class Setting:
         return bool(noise_applied) and (self.kind == "impulse" or (self.kind in LINEAR_NOISE_KINDS and self.axis == "batch"))
 
 
-# a paired change of top-1: its interval, McNemar's b, c and p, and the verdict
-Change = NamedTuple("Change", [("interval", stats.Interval), ("b", int), ("c", int), ("pvalue", float), ("verdict", str)])
+# a paired change of top-1: its interval, its sign-flip test, and whether it is zero by construction (untested)
+Change = NamedTuple("Change", [("interval", stats.Interval), ("test", stats.PairedTest), ("by_construction", bool)])
+# a change's place among the verdicts: its family ("primary", "other", "" when untested), adjusted p, verdict word
+Verdict = NamedTuple("Verdict", [("family", str), ("adjusted_pvalue", float), ("word", str)])
 
 
 def _memo(method):  # caches a method's results on its instance: a report computes each interval once
@@ -156,11 +169,13 @@ class Results:
         self.reported_metrics = dict(zip(df["model"], df["reported_metric"]))
         self._cells: dict[tuple, dict[int, float]] = {}
         self._theory, self._applied, self._paths, self._memo, self._open = {}, {}, {}, {}, {}
+        self._checkpoints: dict[tuple, str] = {}
         cols = ["model", "noise", "apply", "site", "protocol", "metric", "seed", "value", "mixed_axis_size",
-                "theory_delta_S", "noise_applied", "predictions"]
-        for m, n, a, s, p, metric, seed, v, k, ds, applied, path in zip(*(df[c].tolist() for c in cols)):
+                "theory_delta_S", "noise_applied", "predictions", "checkpoint"]
+        for m, n, a, s, p, metric, seed, v, k, ds, applied, path, ckpt in zip(*(df[c].tolist() for c in cols)):
             self._cells.setdefault((m, n, a, s, p, metric), {})[seed] = v
             self._applied[(m, n, a, s, p)] = applied
+            self._checkpoints[(m, n, a, s, seed)] = ckpt
             if path:
                 self._paths[(m, n, a, s, seed)] = path
             if metric == "top1":
@@ -244,7 +259,22 @@ class Results:
     @_memo
     def accuracy(self, s: Setting, protocol: str) -> stats.Interval | None:
         o = list(self.outcomes(s, protocol).values())
-        return stats.accuracy_interval([x[0] for x in o], [x[1] for x in o], **_BOOTSTRAP) if o else None
+        return stats.accuracy_interval([x[0] for x in o], [x[1] for x in o], CONFIDENCE) if o else None
+
+    def unit(self, s: Setting, protocol: str) -> str:
+        """The unit of dependence of the setting under ``protocol``: ``batch`` or ``image``."""
+        return "batch" if s.mixes_batch(self._applied.get((*s.key4, protocol), False)) else "image"
+
+    def identity(self, s: Setting, protocol: str, own: bool = False) -> bool:
+        """The setting is its reference by construction under ``protocol``: the same checkpoint in every seed (``own``,
+        or the vanilla model's, as the evaluations record it) with the noise off, or a batch-axis linear noise at
+        batch size 1."""
+        v = self.vanilla(s.model)
+        if not own and (v is None or any(self._checkpoints.get((*v.key4, seed)) != self._checkpoints[(*s.key4, seed)]
+                                         for seed in self.values(s, protocol))):
+            return False
+        applied, k = self._applied.get((*s.key4, protocol), False), self.theory(s, protocol)[0]
+        return not applied or (s.kind in LINEAR_NOISE_KINDS and s.axis == "batch" and k == 1)
 
     @_memo
     def change(self, s: Setting, protocol: str, own: bool = False) -> Change | None:
@@ -260,10 +290,39 @@ class Results:
             if not np.array_equal(mine[seed][3], theirs[seed][3]):
                 raise UserError(f"the predictions of {s.where(seed=seed)} and of {ref.where(seed=seed)} hold different "
                                 "test images (their labels differ); both must come from the same test set.")
-        a, b = [mine[x][0] for x in seeds], [theirs[x][0] for x in seeds]
-        iv = stats.change_interval(a, b, [mine[x][1] for x in seeds], **_BOOTSTRAP)
-        mc = stats.mcnemar(a, b)
-        return Change(iv, mc["b"], mc["c"], mc["pvalue"], stats.verdict(iv))
+        a, b, u = [mine[x][0] for x in seeds], [theirs[x][0] for x in seeds], [mine[x][1] for x in seeds]
+        identity = self.identity(s, protocol, own)
+        iv = stats.change_interval(a, b, u, CONFIDENCE, identity=identity)
+        return Change(iv, stats.sign_flip_test(a, b, u), identity and iv.low == iv.high == 0)
+
+    def primary(self, s: Setting, protocol: str) -> bool:
+        """One of the paper's claims: the released recipe under a primary protocol (against the vanilla model)."""
+        return protocol in PRIMARY_PROTOCOLS and s == self.released_recipe(s.model)
+
+    def tested_changes(self) -> list[tuple[Setting, str]]:
+        """Every (noise setting, protocol) with a change against the vanilla model, in table order."""
+        return [(s, p) for s in self.settings if s.kind != "none" for p in PROTOCOLS
+                if self.values(s, p) and self.change(s, p) is not None]
+
+    @_memo
+    def verdicts(self) -> dict[tuple, Verdict]:
+        """Per (setting, protocol) tested against the vanilla model: the family, the adjusted p-value and the verdict word (see the module's doc)."""
+        out, families = {}, {"primary": [], "other": []}
+        for s, p in self.tested_changes():
+            ch = self.change(s, p)
+            if ch.by_construction:
+                out[(s, p)] = Verdict("", math.nan, BY_CONSTRUCTION)
+            else:
+                families["primary" if self.primary(s, p) else "other"].append((s, p))
+        for family, cells in families.items():
+            pvalues = [self.change(s, p).test.pvalue for s, p in cells]
+            adjusted = stats.holm(pvalues) if family == "primary" else stats.benjamini_hochberg(pvalues)
+            for (s, p), q in zip(cells, adjusted, strict=True):
+                out[(s, p)] = Verdict(family, float(q), stats.verdict(self.change(s, p).interval.estimate, q))
+        return out
+
+    def verdict(self, s: Setting, protocol: str) -> Verdict | None:
+        return self.verdicts().get((s, protocol))
 
     @_memo
     def batch_dependence(self, s: Setting, protocol: str) -> float | None:
@@ -304,4 +363,4 @@ class Results:
             return None
         mixes = p["variant"] == "pooling_control" or s.mixes_batch(True)  # pooling mixes a batch by construction
         return stats.accuracy_interval([a[2].astype(bool) if a[2] is not None else a[3] == a[0] for a in arrays],
-                                       [stats.units(a[1], a[0].size, mixes) for a in arrays], **_BOOTSTRAP)
+                                       [stats.units(a[1], a[0].size, mixes) for a in arrays], CONFIDENCE)

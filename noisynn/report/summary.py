@@ -7,8 +7,8 @@ workflow can run as separate jobs (``only``):
     summary      tables/<table>.{csv,md,tex} for each of TABLE_NAMES, tables/cells.csv, SUMMARY.md, metrics.json
     <figure>     figures/<figure>.{png,pdf}, for each of plots.FIGURES
 
-Every file is written atomically and without timestamps, and the bootstrap is seeded, so the same
-inputs give the same bytes.
+Every file is written atomically and without timestamps, and no statistic here draws random numbers,
+so the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import pandas as pd
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_write_json, atomic_write_text
 from noisynn.io.guards import check_not_an_input, check_output_folder
-from noisynn.report import results, tables
+from noisynn.report import results, stats, tables
 from noisynn.report.plots import FIGURES, write_figure
 from noisynn.report.results import NO_DATA, Results, Setting, load_evaluations, load_sweeps
-from noisynn.report.stats import VERDICT_RULE
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, LINEAR_NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
 
 TABLE_NAMES = (*tables.TABLES, "paper_vs_ours")
@@ -43,7 +42,7 @@ def declared_files(only: str | None = None) -> list[str]:
     return files
 
 
-def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path, out_dir: Path, dataset: str,
+def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path | None, out_dir: Path, dataset: str,
                 only: str | None = None, stages: dict | None = None) -> None:
     """Write every table, figure, SUMMARY.md and metrics.json of one dataset (or the group ``only``).
 
@@ -51,12 +50,14 @@ def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path,
     """
     if only is not None and only not in GROUPS:
         raise UserError(f"--only must name one output group of the report ({', '.join(GROUPS)}); got {only!r}.")
+    if only in (None, "summary") and paper_csv is None:
+        raise UserError("report needs --paper (config/paper_results.csv) to write the summary and its tables.")
     out_dir = Path(out_dir)
     check_output_folder(out_dir, "report --out-dir")
-    inputs = {"the evaluations table (--evaluations)": evaluations_csv, "the sweeps table (--sweeps)": sweeps_csv,
-              "the paper's numbers (--paper)": paper_csv}
+    sources = {"the evaluations table (--evaluations)": evaluations_csv, "the sweeps table (--sweeps)": sweeps_csv,
+               "the paper's numbers (--paper)": paper_csv}
     for name in declared_files(only):
-        check_not_an_input(out_dir / name, "report --out-dir", inputs)
+        check_not_an_input(out_dir / name, "report --out-dir", sources)
     sweeps = None if sweeps_csv is None else load_sweeps(Path(sweeps_csv), dataset)
     r = Results(load_evaluations(Path(evaluations_csv), dataset), sweeps)
     # every input is read before the first file is written
@@ -106,8 +107,8 @@ def _provenance(r: Results, inputs: dict) -> list[str]:
         f"- data fingerprint(s): {_unique(df, 'data_fingerprint')}",
         "- default injection site per model: " + (", ".join(f"{m}: `{s}`" for m, s in sorted(r.sites.items()))
                                                   or "(none)") + ", as each evaluation records it (`default_site`)",
-        f"- intervals: {results.CONFIDENCE * 100:g} % percentile bootstrap, {results.N_RESAMPLES} resamples, "
-        f"generator seed {results.BOOTSTRAP_SEED}",
+        f"- intervals: {results.CONFIDENCE * 100:g} % Wilson score at the effective sample size of the crossed "
+        f"seeds × units variance (changes: Newcombe's hybrid); test: {stats.TEST_NAME}; no random numbers drawn",
     ]
 
 
@@ -127,7 +128,29 @@ def _change_text(r: Results, s: Setting, protocol: str) -> str:
     ch = r.change(s, protocol)
     if ch is None:
         return "no data (no per-image predictions)"
-    return f"{tables.interval_text(ch.interval.estimate, ch.interval.low, ch.interval.high, sign=True)} {ch.verdict}"
+    return (f"{tables.interval_text(ch.interval.estimate, ch.interval.low, ch.interval.high, sign=True)} "
+            f"{r.verdict(s, protocol).word}")
+
+
+def family_text(r: Results) -> str:
+    """The families of verdicts, their sizes and adjustments, and how many verdicts each holds, in one paragraph."""
+    verdicts = list(r.verdicts().values())
+    size = {f: sum(v.family == f for v in verdicts) for f in results.FAMILIES}
+    called = {f: sum(v.family == f and v.word in ("raised", "lowered") for v in verdicts) for f in results.FAMILIES}
+    untested = sum(v.word == results.BY_CONSTRUCTION for v in verdicts)
+    protocols = ", ".join(f"`{p}`" for p in results.PRIMARY_PROTOCOLS)
+    level = f"{stats.ALPHA * 100:g} %"
+    return (f"**One family, one error rate.** The primary family is the paper's claims: the released recipe "
+            f"(`{RELEASED_NOISE}`, noise at evaluation only, default site) under {protocols}, each against the "
+            f"vanilla model under `clean`, per model: {size['primary']} tested contrasts here, whose family-wise "
+            f"error rate is held at {level} by {stats.PRIMARY_ADJUSTMENT}'s step-down adjustment. The "
+            f"other {size['other']} tested changes of `tables/changes` form the second family, whose false discovery "
+            f"rate is held at {level} ({stats.OTHER_ADJUSTMENT}): in expectation at most {level} of its 'raised' "
+            f"and 'lowered' words are false. {untested} changes are zero by construction (the noise off on the "
+            "vanilla checkpoint, or a batch-axis linear noise at batch size 1) and are not tested. A verdict follows "
+            "the adjusted p-value (`adjusted_pvalue` in `tables/changes`); the intervals are the unadjusted 95 % ones. "
+            f"Verdicts of raised or lowered: {called['primary']} of {size['primary']} primary contrasts, "
+            f"{called['other']} of {size['other']} others.")
 
 
 def headline_table(r: Results) -> pd.DataFrame:
@@ -168,7 +191,7 @@ def summary_markdown(r: Results, built: dict[str, pd.DataFrame], dataset: str, i
         "",
         "Generated by `noisynn report` from the evaluations table and the per-image predictions of every "
         "evaluation; each number below names the rows of `evaluations.csv` behind it. Accuracies are top-1 in "
-        "percent, with their 95 % bootstrap interval in brackets; changes are in percentage points.",
+        "percent, with their 95 % interval in brackets; changes are in percentage points.",
         "",
         *_stages_text(stages),
         "![The released recipe's top-1 under each protocol, and against the test batch size](figures/headline.png)",
@@ -195,15 +218,18 @@ def summary_markdown(r: Results, built: dict[str, pd.DataFrame], dataset: str, i
         "",
         "## How a verdict is reached",
         "",
-        VERDICT_RULE + " The reference is the vanilla model under `clean`: the same model and seed, the same test "
-        "images, the noise nowhere.",
+        stats.VERDICT_RULE + " The reference is the vanilla model under `clean`: the same model and seed, the same "
+        "test images, the noise nowhere.",
+        "",
+        family_text(r),
         "",
         "## Which claims held under which protocol",
         "",
         "Each cell is the change of top-1 (percentage points) of the setting under the column's protocol against "
         "the vanilla model under `clean`, its 95 % interval, and the verdict. The filter column names the rows of "
         "the evaluations table behind each cell, with `protocol` set to the cell's column; `tables/changes` adds "
-        "McNemar's b, c and p. For `apply=eval` the setting's checkpoint is the vanilla one, so its `clean` "
+        "the images improved and worsened, the minimum detectable effect, the test's p-value and its adjusted "
+        "p-value. For `apply=eval` the setting's checkpoint is the vanilla one, so its `clean` "
         "column is zero by construction; for `apply=train+eval` it is the effect of the noisy fine-tuning alone.",
         "",
         "At batch size 1 (`batch1`) a batch-axis linear noise is the identity by construction (k = 1: the optimal "
@@ -258,7 +284,8 @@ def summary_markdown(r: Results, built: dict[str, pd.DataFrame], dataset: str, i
         "checkpoint's `clean` protocol, not the vanilla model (table `tables/entropy`).",
         "- `figures/batch_size`, `figures/purity`: the sweeps (tables `tables/batch_size`, `tables/purity`, "
         "`tables/pooling_control`).",
-        "- `tables/changes`: every change against the vanilla model, its interval, McNemar and the verdict.",
+        "- `tables/changes`: every change against the vanilla model, its interval, minimum detectable effect, "
+        "sign-flip test, family, adjusted p-value and verdict.",
         "- `tables/cells.csv`: every setting under every protocol with its interval, the table `noisynn compare` "
         "reads.",
         f"- `tables/paper_vs_ours`: each number of the paper table beside ours, or `{tables.NOT_RUN}`; {matched} of "

@@ -2,7 +2,7 @@
 
 No torch import here (nor ``noisynn.evaluate``). A table is a DataFrame of text cells (its CSV is the
 same text), except the machine-read ones: ``cells.csv`` (``noisynn compare`` reads it) and the CSV of
-``changes``, which hold fractions. Shown accuracies are top-1 in percent with the 95 % bootstrap
+``changes``, which hold fractions. Shown accuracies are top-1 in percent with the 95 %
 interval in brackets, ``81.2 [79.0, 83.4]``; a changed accuracy is in percentage points, signed.
 """
 
@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from noisynn.entropy import delta_entropy_optimal
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path, atomic_write_text
 from noisynn.orders import SWEEP_ORDERS
-from noisynn.report.compare import CELLS_COLUMNS
-from noisynn.report.results import NO_DATA, Results, Setting, read_table
+from noisynn.report import stats
+from noisynn.report.compare import CELLS_COLUMNS, seeds_text
+from noisynn.report.results import FAMILIES, NO_DATA, Results, Setting, read_table
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS
 
 NOT_RUN = "not run at this scale"
@@ -27,8 +29,9 @@ POOLING_PROTOCOLS = ("released", "shuffled", "class_pure", "class_mixed")
 PAPER_COLUMNS = ["claim_id", "model", "dataset", "resolution", "noise", "protocol", "metric", "value", "source"]
 PAPER_REQUIRED = ("claim_id", "dataset", "protocol", "metric", "value", "source")  # a claim may name no model
 SETTING = ["model", "noise", "apply", "site"]
-CHANGES_COLUMNS = [*SETTING, "protocol", "change", "ci_low", "ci_high", "n_seeds", "n_units",
-                   "mcnemar_b", "mcnemar_c", "mcnemar_pvalue", "verdict", "batch_dependence", "transductive"]
+CHANGES_COLUMNS = [*SETTING, "protocol", "change", "ci_low", "ci_high", "mde", "n_seeds", "n_units", "unit",
+                   "improved", "worsened", "test", "pvalue", "family", "adjustment", "adjusted_pvalue", "verdict",
+                   "batch_dependence", "transductive"]
 
 
 def load_paper(path: Path) -> pd.DataFrame:
@@ -45,11 +48,6 @@ def load_paper(path: Path) -> pd.DataFrame:
             why = f"no {empty[0]}" if empty else f"value {row['value']!r}, not a number"
             raise UserError(f"paper results {path}: line {i + 2} has {why}; the file is cut short or damaged.")
     return paper
-
-
-def delta_s_star(k) -> np.ndarray:
-    """The theory's entropy change of the optimal Q over a batch of k: ΔS*(k) = (k − 1)·ln(k + 1)."""
-    return (np.asarray(k, dtype=float) - 1) * np.log(np.asarray(k, dtype=float) + 1)
 
 
 def seed_mean(values: dict[int, float]) -> float:
@@ -186,31 +184,54 @@ def paper_vs_ours_table(r: Results, paper: pd.DataFrame, dataset: str) -> pd.Dat
 
 
 def cells_table(r: Results) -> pd.DataFrame:
-    """Per setting and protocol: top-1 (mean over seeds) with its interval; the table `noisynn compare` reads."""
+    """Per setting and protocol: top-1 (mean over seeds) with its interval and seeds; the table `noisynn compare` reads."""
     rows = [[s.model, s.noise, s.apply, s.site, p, "top1", seed_mean(r.values(s, p)), iv.low, iv.high, iv.n_seeds,
-             iv.n_units] for s in r.settings for p in PROTOCOLS if (iv := r.accuracy(s, p)) is not None]
+             iv.n_units, seeds_text(r.values(s, p))]
+            for s in r.settings for p in PROTOCOLS if (iv := r.accuracy(s, p)) is not None]
     return pd.DataFrame(rows, columns=CELLS_COLUMNS)
 
 
 def changes_table(r: Results) -> pd.DataFrame:
-    """Per noisy setting and protocol: the change vs the vanilla model, McNemar, verdict, batch dependence."""
+    """Per noisy setting and protocol: the change vs the vanilla model, its test, family, adjusted p and verdict.
+
+    ``mde``: the smallest change the test could detect (80 % power at 5 %, the seeds' models as given); ``improved`` /
+    ``worsened``: images (over seeds) the setting alone / the reference alone gets right; ``adjusted_pvalue``:
+    the test's p-value adjusted within its family (``adjustment``), which the verdict follows.
+    """
     rows = []
     for s, p in ((s, p) for s in r.settings if s.kind != "none" for p in PROTOCOLS if r.values(s, p)):
-        ch, share = r.change(s, p), r.batch_dependence(s, p)
-        numbers = ([ch.interval.estimate, ch.interval.low, ch.interval.high, ch.interval.n_seeds, ch.interval.n_units,
-                    ch.b, ch.c, ch.pvalue, ch.verdict] if ch else [math.nan] * 3 + [0, 0, "", "", math.nan, "no data"])
+        ch, share, v = r.change(s, p), r.batch_dependence(s, p), r.verdict(s, p)
+        if ch is None:
+            numbers = [math.nan] * 4 + [0, 0, "", "", "", "", math.nan, "", "", math.nan, "no data"]
+        else:
+            iv, t = ch.interval, ch.test
+            tested = not ch.by_construction
+            numbers = [iv.estimate, iv.low, iv.high, iv.mde if tested else math.nan, iv.n_seeds, iv.n_units,
+                       r.unit(s, p), t.b, t.c, stats.TEST_NAME if tested else "", t.pvalue if tested else math.nan,
+                       v.family, FAMILIES.get(v.family, ""), v.adjusted_pvalue, v.word]
         rows.append([s.model, s.noise, s.apply, s.site, p, *numbers, math.nan if share is None else share,
                      "" if share is None else bool(r.is_transductive(s, p))])
     return pd.DataFrame(rows, columns=CHANGES_COLUMNS)
 
 
+def _p_text(p: float) -> str:
+    """Two significant digits; below 1e-12 the exact test's FFT rounding, so only the bound."""
+    return "" if p != p else "< 1e-12" if p < 1e-12 else f"{p:.2g}"
+
+
 def changes_display(changes: pd.DataFrame) -> pd.DataFrame:
-    """The changes table as text: percentage points with the interval, p to 2 significant digits."""
+    """The changes table as text: percentage points with the interval and MDE, p to 2 significant digits."""
     out = changes[["model", "noise", "apply", "site", "protocol"]].copy()
     out["Δtop1 (pp) [95 % CI]"] = [interval_text(c, lo, hi, sign=True) for c, lo, hi in
                                    zip(changes["change"], changes["ci_low"], changes["ci_high"])]
-    out["McNemar b / c"] = [f"{b} / {c}" if b != "" else "" for b, c in zip(changes["mcnemar_b"], changes["mcnemar_c"])]
-    out["McNemar p"] = ["" if p != p else f"{p:.2g}" for p in changes["mcnemar_pvalue"]]
+    out["MDE (pp)"] = [pct(x) for x in changes["mde"]]
+    out["improved / worsened"] = [f"{b} / {c}" if b != "" else "" for b, c in zip(changes["improved"],
+                                                                                 changes["worsened"])]
+    out["units"] = [f"{n} {'batches' if u == 'batch' else 'images'}" if u else "" for n, u in zip(changes["n_units"],
+                                                                                                changes["unit"])]
+    out["sign-flip p"] = [_p_text(p) for p in changes["pvalue"]]
+    out["adjusted p"] = [f"{_p_text(q)} ({a})" if a else "" for q, a in zip(changes["adjusted_pvalue"],
+                                                                           changes["adjustment"])]
     out["verdict"] = changes["verdict"]
     out["batch dependence"] = ["" if x != x else f"{100 * x:.1f} %" for x in changes["batch_dependence"]]
     out["transductive"] = ["" if t == "" else "yes" if t else "no" for t in changes["transductive"]]
@@ -243,7 +264,7 @@ def _sweep_rows(r: Results, experiment: str, variant: str | None = None):
 def batch_size_table(r: Results) -> pd.DataFrame:
     """Top-1 against the test batch size k per order: the noise, the pooling control, and ΔS*(k)."""
     rows = [[*key, order, int(k), _point_text(g, order=order, batch_size=k, variant="noise"),
-             _point_text(g, order=order, batch_size=k, variant="pooling_control"), f"{float(delta_s_star(k)):.4g}",
+             _point_text(g, order=order, batch_size=k, variant="pooling_control"), f"{delta_entropy_optimal(int(k)):.4g}",
              _n_seeds(g, order=order, batch_size=k)]
             for key, g in _sweep_rows(r, "batch_size") for order in SWEEP_ORDERS
             for k in sorted(set(g.loc[g["order"] == order, "batch_size"]))]

@@ -8,10 +8,16 @@ REPO = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(REPO))
 
 from noisynn.errors import UserError
-from noisynn.pipeline.codedigest import step_digest
+from noisynn.pipeline.codedigest import (
+    figure_digest,
+    figures,
+    step_digest,
+    summary_digest,
+)
 from noisynn.pipeline.config import (
     check_models_and_sites,
     job_environment,
+    processes,
     read_config_file,
     validate_config,
 )
@@ -90,7 +96,7 @@ def launcher(resources):
     `exec`: Python replaces the job's shell, so a scheduler's SIGTERM (time limit, scancel)
     reaches it inside the job step, which then waits for the resume state to be saved.
     """
-    procs = int(resources.get("gpu", 0) or 0) or int(resources.get("nproc", 1) or 1)
+    procs = processes(resources)
     if procs > 1:
         return f"exec python -m torch.distributed.run --standalone --nproc_per_node={procs} -m noisynn"
     return "exec python -m noisynn"
@@ -106,6 +112,16 @@ def code_digest(step, with_noise=True):
     return step_digest(step, with_noise)
 
 
+def figure_code_digest(figure):
+    """The digest of the code that draws one figure (the report's, with only that figure's plotting code)."""
+    return figure_digest(figure)
+
+
+def summary_code_digest():
+    """The digest of the code that writes the summary and the tables (the report's, without the plots)."""
+    return summary_digest()
+
+
 def model_resources(model, key, default):
     return CFG["models"][model].get("resources", {}).get(key, default)
 
@@ -114,6 +130,12 @@ def prepare_args(d):
     if d["kind"] in ("digits", "mnist"):
         return f"--kind {d['kind']} --image-size {d['image_size']} --seed {d['split_seed']}"
     verify = "" if d["verify_images"] else " --no-verify-images"
+    if d["kind"] == "list":
+        return (
+            f"--kind list --root {q(d['root'])} --train-list {q(d['train_list'])} "
+            f"--test-list {q(d['test_list'])} --name {q(d['name'])} --image-size {d['image_size']} "
+            f"--hash-mode {d['hash_mode']}{verify}"
+        )
     return (
         f"--kind imagefolder --root {q(d['root'])} --train-dir {q(d['train_dir'])} "
         f"--val-dir {q(d['val_dir'])} --name {q(d['name'])} --image-size {d['image_size']} "
@@ -161,11 +183,12 @@ def model_reported_metric(wildcards):
 
 
 def describe_dataset(d):
-    size = (
-        f"{d['image_size']} px"
-        if d["kind"] != "imagefolder"
-        else f"ImageFolder {d['root']}"
-    )
+    if d["kind"] == "imagefolder":
+        size = f"ImageFolder {d['root']}"
+    elif d["kind"] == "list":
+        size = f"lists {d['train_list']} and {d['test_list']}"
+    else:
+        size = f"{d['image_size']} px"
     return f"{d['name']} ({d['kind']}, {size})"
 
 

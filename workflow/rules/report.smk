@@ -3,7 +3,7 @@
 # that a figure is its own node of the DAG. SUMMARY.md embeds the figures as an article does, so it
 # depends on them and `rule all` needs only it. The paper's numbers feed the summary alone.
 # The report jobs run where Snakemake runs (localrule), also under the SLURM executor.
-FIGURES = ["headline", "audit", "strength", "layers", "entropy", "batch_size", "purity"]
+FIGURES = list(figures())  # noisynn/report/plots.py's, read without importing it
 TABLES = [
     "audit",
     "strength",
@@ -19,7 +19,7 @@ OUT = f"results/{DATASET}"
 PAPER = "config/paper_results.csv"
 REPORT_SHELL = (
     "python -m noisynn report --evaluations {input.evaluations} --sweeps {input.sweeps} "
-    "--paper {params.paper} --out-dir {params.out_dir} --dataset {params.dataset} "
+    "--out-dir {params.out_dir} --dataset {params.dataset} "
     "--only {params.only} --stages {params.stages} > {log} 2>&1"
 )
 
@@ -67,10 +67,10 @@ for _figure in FIGURES:
         params:
             out_dir=lambda wildcards, output: str(Path(output.png).parent.parent),
             dataset=DATASET,
-            paper=PAPER,  # not an input: a figure does not read it
             only=_figure,
             stages=q(stages_description()),
-            code=code_digest("report"),
+            # the code that draws this figure alone: editing another plot leaves it be
+            code=figure_code_digest(_figure),
         shell:
             REPORT_SHELL
 
@@ -81,7 +81,10 @@ rule summary:
         sweeps=rules.aggregate.output.sweeps,
         predictions=GRID.prediction_files(),
         paper=PAPER,
-        figures=[getattr(rules, f"figure_{name}").output.png for name in FIGURES],
+        # the summary links the figures, never reads them: a redrawn figure does not rewrite it
+        figures=[
+            ancient(getattr(rules, f"figure_{name}").output.png) for name in FIGURES
+        ],
     output:
         **{
             f"table_{name}_{ext}": (
@@ -113,9 +116,8 @@ rule summary:
     params:
         out_dir=lambda wildcards, output: str(Path(output.metrics).parent),
         dataset=DATASET,
-        paper=lambda wildcards, input: input.paper,
         only="summary",
         stages=q(stages_description()),
-        code=code_digest("report"),
+        code=summary_code_digest(),
     shell:
-        REPORT_SHELL
+        REPORT_SHELL.replace("--out-dir", "--paper {input.paper} --out-dir")

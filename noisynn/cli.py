@@ -80,6 +80,9 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
                         "keys and defaults: the training section of workflow/schemas/config.schema.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run of other settings in --out (without it such a folder is refused; "
+                        "a finished run of the same settings is always left as it is)")
 
 
 def _add_training(sub) -> None:
@@ -217,14 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare(args) -> int:
     from noisynn import data
     from noisynn.io.atomic import remove_stale_temp_files
-    from noisynn.io.guards import check_output_folder
+    from noisynn.io.guards import check_not_an_input, check_output_folder
 
     if args.seed < 0:
         raise UserError(f"prepare --seed must be an integer >= 0 (it seeds the split); got {args.seed}.")
     if args.image_size < 1:
         raise UserError(f"prepare --image-size must be a positive integer; got {args.image_size}.")
     check_output_folder(args.out, "prepare --out")
-    remove_stale_temp_files(args.out, ["digits.npz", "manifest.json"])  # a killed earlier prepare's
+    if args.kind == "imagefolder" and args.root is not None:
+        check_not_an_input(args.out, "prepare --out", {"the image folder (--root)": args.root,
+                                                       "its training images": args.root / args.train_dir,
+                                                       "its validation images": args.root / args.val_dir})
+    arrays = [data.arrays_file(args.kind)] if args.kind in data.EMBEDDED_KINDS else []
+    remove_stale_temp_files(args.out, [*arrays, "manifest.json"])  # a killed earlier prepare's
     if args.kind in ("digits", "mnist"):
         prepare = data.prepare_digits if args.kind == "digits" else data.prepare_mnist
         m = prepare(args.out, args.image_size, args.seed)
@@ -269,7 +277,7 @@ def _train(args) -> int:
         amp=not args.no_amp,
     )
     try:
-        train(cfg)
+        train(cfg, overwrite=args.overwrite)
     except SystemExit as e:
         if e.code == EXIT_INTERRUPTED:  # resume state saved; the rerun continues from it
             return EXIT_INTERRUPTED
@@ -305,7 +313,7 @@ def _evaluate(args) -> int:
         raise UserError("evaluate takes --noise (one setting) or --settings (several), not both.")
     # the outputs are checked before the evaluation, which can take hours
     inputs = {"the checkpoint (--checkpoint)": args.checkpoint, "the checkpoint's sidecar": sidecar_path(args.checkpoint),
-              "the dataset manifest": args.data / "manifest.json", "the dataset's arrays": args.data / "digits.npz"}
+              **({f"the dataset's file {p.name}": p for p in args.data.iterdir()} if args.data.is_dir() else {})}
     outputs = [("--out", args.out)] + ([("--predictions", args.predictions)] if args.predictions else [])
     for flag, path in outputs:
         check_output_file(path, f"evaluate {flag}")
@@ -314,6 +322,12 @@ def _evaluate(args) -> int:
         check_not_an_input(args.predictions, "evaluate --predictions", {"the path given to --out": args.out})
     if args.site is not None and not args.site.strip():
         raise UserError("evaluate --site is empty; name a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
+    noised = [n.get("kind", "none") for n in ([args.noise] if args.noise else [s.get("noise_params") or {} for s in args.settings or []])
+              if isinstance(n, dict) and n.get("kind", "none") != "none"]
+    if noised and args.site is None:
+        # as finetune: the place of a noise is never guessed; the input images are the site `image`
+        raise UserError(f"evaluate --noise {noised[0]} needs --site (e.g. blocks.3.attn or layer4.1, `noisynn sites` "
+                        "lists them, or image for the input images).")
     if args.settings is None:
         noise = args.noise or {"kind": "none"}
         settings = [{"noise": noise.get("kind", "none"), "apply": "eval", "site": args.site or "none",

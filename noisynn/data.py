@@ -4,14 +4,14 @@ Three sources:
 
 * ``digits``: scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes, no download),
   split deterministically (stratified) from a seed and materialized once as ``digits.npz`` plus a
-  ``manifest.json`` with per-sample hashes, so every later job sees one fingerprint;
+  ``manifest.json`` (each embedded dataset's arrays are named for it: ``mnist.npz`` for MNIST-5k) with per-sample hashes, so every later job sees one fingerprint;
 * ``imagefolder``: any torchvision ImageFolder layout (ImageNet, TinyImageNet) at a path, with
   timm's transforms and a manifest (class → count, file hashes) that training checks against;
 * ``list``: images named by list files (``<path> <label>`` lines), kept in the list's order
   (noisynn/listfile.py), read like an image folder.
 
 What ``prepare`` recorded is checked where the files are read again (``load_dataset``): the
-manifest's keys and types, the arrays of ``digits.npz`` (dtypes, shapes, label and index ranges,
+manifest's keys and types, the arrays of ``<dataset>.npz`` (dtypes, shapes, label and index ranges,
 and its SHA-256, a few milliseconds), and for an image folder every listed file's size and mtime
 (``check_image_files``: one ``stat`` per file, no read; a file whose mtime moved is hashed again as
 ``prepare`` hashed it, so a replaced image is refused and a merely touched one is not).
@@ -248,13 +248,14 @@ def _prepare_embedded(out_dir: Path, name: str, source: str, raw, images, labels
          "val": val.tolist(), "test": test.tolist(), "samples": sample_hashes}
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "digits.npz") as tmp:
+    with atomic_path(out_dir / arrays_file(name)) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=normalized, labels=labels, train=train, val=val, test=test)
         npz_sha256 = _sha256(tmp)
     manifest = {
         "dataset": name,
         "kind": name,
+        "arrays_file": arrays_file(name),
         "image_size": image_size,
         "in_chans": 1,
         "num_classes": 10,
@@ -269,6 +270,13 @@ def _prepare_embedded(out_dir: Path, name: str, source: str, raw, images, labels
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def arrays_file(dataset: str) -> str:
+    """The name of a prepared embedded dataset's arrays: the dataset's own (``digits.npz``, ``mnist.npz``)."""
+    if not dataset or Path(dataset).name != dataset or dataset.startswith("."):
+        raise UserError(f"dataset name {dataset!r} cannot name a file (expected a plain name such as mnist).")
+    return f"{dataset}.npz"
 
 
 def prepare_arrays(out_dir: Path, images: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], name: str) -> dict:
@@ -286,11 +294,11 @@ def prepare_arrays(out_dir: Path, images: np.ndarray, labels: np.ndarray, splits
                                 "labels": labels.tolist(), **{k: np.asarray(v).tolist() for k, v in splits.items()}})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "digits.npz") as tmp:
+    with atomic_path(out_dir / arrays_file(name)) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images, labels=labels, **{k: np.asarray(splits[k]) for k in ("train", "val", "test")})
         npz_sha256 = _sha256(tmp)
-    manifest = {"dataset": name, "kind": "arrays", "image_size": int(images.shape[-1]), "in_chans": int(images.shape[1]),
+    manifest = {"dataset": name, "kind": "arrays", "arrays_file": arrays_file(name), "image_size": int(images.shape[-1]), "in_chans": int(images.shape[1]),
                 "num_classes": num_classes, "classes": [str(c) for c in range(num_classes)],
                 "counts": {k: len(splits[k]) for k in ("train", "val", "test")}, "npz_sha256": npz_sha256,
                 "fingerprint": fingerprint}
@@ -482,10 +490,15 @@ def load_dataset(data_dir: Path, model_cfg: dict | None = None, train_augment: b
 
 
 def _read_arrays(data_dir: Path, manifest: dict):
-    """The arrays of ``digits.npz``, checked against the manifest: never unpickled, never half-read."""
+    """The arrays of ``<dataset>.npz``, checked against the manifest: never unpickled, never half-read."""
     import zipfile
 
-    npz_path = data_dir / "digits.npz"
+    # manifests written before the arrays were named for their dataset called every file digits.npz
+    name = manifest.get("arrays_file", "digits.npz")
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".npz"):
+        raise UserError(f"dataset manifest {data_dir / 'manifest.json'}: key arrays_file must name a .npz file in "
+                        f"{data_dir}; got {name!r}. Prepare the dataset again.")
+    npz_path = data_dir / name
     if not npz_path.is_file():
         raise UserError(f"dataset file {npz_path} is missing; prepare the dataset again.")
     recorded = manifest.get("npz_sha256")

@@ -32,7 +32,7 @@ import torch
 from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import cache_point, forward_prefix, forward_suffix, inject, joined_batches
+from noisynn.inject import cache_point, check_site, forward_prefix, forward_suffix, inject, joined_batches
 from noisynn.io.provenance import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
@@ -322,6 +322,7 @@ def evaluate_group(
     site = site if site and site != "none" else "image"
     dev, autocast, dtype_name = autocast_for(device, amp, amp_dtype)
     model, meta = load_checkpoint(Path(checkpoint))
+    check_site(model, site)  # without a noise too: the site decides the prefix cache and the records
     data = load_dataset(Path(data_dir), meta["model"], train_augment=False, splits=("val",))
     check_model_fits_data(model, f"checkpoint {checkpoint}", data_dir, data.num_classes, data.in_chans, data.image_size)
     trained_on = meta.get("data_fingerprint")

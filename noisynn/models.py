@@ -102,7 +102,8 @@ def meta_model(model_cfg: dict, num_classes: int, in_chans: int) -> nn.Module:
 
 
 # what a forward pass raises when a model's own code cannot handle its configuration or input (a
-# meta device's missing kernels raise RuntimeError or NotImplementedError and prove nothing)
+# meta device's missing kernels raise NotImplementedError, or a RuntimeError naming the meta device,
+# and prove nothing)
 _CONFIG_FAILURES = (AttributeError, TypeError, ValueError, AssertionError, IndexError, KeyError, ZeroDivisionError)
 # what an op without a meta kernel raises: nothing is proven then, the real forward checks it
 _NO_META_KERNEL = (NotImplementedError, RuntimeError)
@@ -119,11 +120,15 @@ def check_forward(model: nn.Module, input_shape: tuple[int, ...], what: str) -> 
             model(torch.empty(*input_shape, device="meta"))
     except UserError:
         raise
-    except _CONFIG_FAILURES as e:
+    except (*_CONFIG_FAILURES, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "meta" in str(e).lower():
+            return  # an op the meta device cannot run (a value read out of a meta tensor): the real forward checks it
+        # a shape the model's ops cannot take (a kernel larger than the image, mismatched matrices) is a
+        # RuntimeError on the meta device as on a real one
         detail = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{what} cannot run on a batch of shape {tuple(input_shape)} "
-                        f"({type(e).__name__}: {detail}); check its kwargs.") from None
-    except _NO_META_KERNEL:  # the real forward checks it
+                        f"({type(e).__name__}: {detail}); check its kwargs and the data's image size.") from None
+    except NotImplementedError:  # an op without a meta kernel: the real forward checks it
         return
 
 
@@ -211,12 +216,25 @@ def load_weights_file(path: Path, what: str) -> dict:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{what} {path} is not a readable safetensors file ({e}).") from None
-    for name, t in state.items():
+    _refuse_non_finite(state.items(), path, what)
+    return state
+
+
+def _refuse_non_finite(tensors, path: Path, what: str) -> None:
+    for name, t in tensors:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise UserError(f"{what} {path} holds {bad} non-finite value(s) (NaN or inf) in tensor {name}; "
                             "such weights cannot be evaluated or trained (a diverged training?).")
-    return state
+
+
+def check_weights_finite(path: Path, what: str) -> None:
+    """Refuse a safetensors file holding a NaN or inf weight, one tensor in memory at a time (the
+    config check reads a large pretrained file this way, before any job)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        _refuse_non_finite(((name, fh.get_tensor(name)) for name in fh.keys()), path, what)
 
 
 def unfit_tensors(model: nn.Module, shapes: dict[str, tuple]) -> tuple[list[str], list[str]]:
@@ -289,6 +307,8 @@ def save_checkpoint(model: nn.Module, weights: Path, meta: dict) -> None:
 def read_sidecar(weights: Path) -> dict:
     weights = Path(weights)
     side = sidecar_path(weights)
+    if weights.is_dir():
+        raise UserError(f"checkpoint {weights} is a folder; expected its model.safetensors file.")
     if not weights.is_file():
         raise UserError(f"checkpoint {weights} does not exist.")
     if not side.is_file():

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from noisynn.errors import UserError
-from noisynn.vocab import AXES, DETACH, NEIGHBOURS, NOISE_KINDS
+from noisynn.vocab import AXES, DETACH, NEIGHBOURS, NOISE_KINDS, noise_problem
 
 LINEAR_KINDS = ("optimal", "shift")
 LAYOUTS = ("tokens", "nchw", "nhwc", "features")
@@ -296,6 +296,9 @@ class NoiseSpec:
             raise UserError(f"noise strength (the impulse probability p) must lie in [0, 1]; got {self.strength}.")
         if self.kind == "gaussian" and self.std < 0:
             raise UserError(f"noise std must be >= 0; got {self.std}.")
+        problem = noise_problem(asdict(self))
+        if problem:
+            raise UserError(f"noise {self.kind}: key {problem[0]} {problem[1]}.")
 
     @classmethod
     def from_dict(cls, noise: dict) -> "NoiseSpec":

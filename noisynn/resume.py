@@ -100,17 +100,22 @@ def discard_foreign(recovery: Path, identity: dict, is_main: bool) -> None:
         return drop(recovery, "state.json is not valid JSON", is_main)
     if saved is None or saved == identity:
         return
+    drop(recovery, identity_difference(saved, identity), is_main)
+
+
+def identity_difference(saved: dict, identity: dict) -> str | None:
+    """What differs between a run identity recorded earlier and this run's, in words; None if nothing."""
+    if saved == identity:
+        return None
     if saved.get("data_fingerprint") != identity["data_fingerprint"]:
-        reason = "the dataset fingerprint changed"
-    elif saved.get("init_sha256") != identity["init_sha256"]:
-        reason = "the starting checkpoint changed"
-    elif saved.get("world_size") != identity["world_size"]:
-        reason = f"{saved.get('world_size')} processes then, {identity['world_size']} now"
-    else:
-        old, new = saved.get("args", {}), identity["args"]
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        reason = f"{changed[0]} was {old.get(changed[0])!r}, now {new.get(changed[0])!r}" if changed else "other settings"
-    drop(recovery, reason, is_main)
+        return "the dataset fingerprint changed"
+    if saved.get("init_sha256") != identity["init_sha256"]:
+        return "the starting checkpoint changed"
+    if saved.get("world_size") != identity["world_size"]:
+        return f"{saved.get('world_size')} processes then, {identity['world_size']} now"
+    old, new = saved.get("args", {}), identity["args"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return f"{changed[0]} was {old.get(changed[0])!r}, now {new.get(changed[0])!r}" if changed else "other settings"
 
 
 def _read(recovery: Path, rank: int):

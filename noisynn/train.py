@@ -49,7 +49,9 @@ from noisynn.models import (
     check_noises_act,
     load_checkpoint,
     meta_model,
+    read_sidecar,
     save_checkpoint,
+    sidecar_path,
 )
 from noisynn.noise import NoiseSpec
 from noisynn.orders import forward_calls
@@ -57,10 +59,11 @@ from noisynn.pipeline.config import (
     learning_rate,
     mixes_batch,
     noise_batch_problem,
-    schedule_problem,
     training_defaults,
+    training_problem,
     validate_training_section,
 )
+from noisynn.resume import identity_difference
 from noisynn.vocab import APPLY
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the scheduler sees a failure and retries; the retry resumes
@@ -102,9 +105,9 @@ class TrainConfig:
     def from_section(cls, section: dict, source: str = "the training section", **run) -> "TrainConfig":
         """A config from a training section (the workflow config's pretrain/finetune) plus the run's own keys."""
         hyper = validate_training_section(section, source)
-        problem = schedule_problem(hyper)
+        problem = training_problem(hyper)
         if problem:
-            raise UserError(f"{source}: key warmup_epochs: {problem}.")
+            raise UserError(f"{source}: key {problem[0]}: {problem[1]}.")
         hyper.pop("seed", None)  # the run's seed is its own key
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in hyper.items() if k in known}, **run)
@@ -126,9 +129,10 @@ class TrainConfig:
             raise UserError(f"lr must be > 0; got {self.lr}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UserError(f"seed must be an integer >= 0 (it seeds numpy's and torch's generators); got {self.seed!r}.")
-        problem = schedule_problem({k: getattr(self, k) for k in ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr")})
+        problem = training_problem({k: getattr(self, k) for k in training_defaults() if hasattr(self, k)}
+                                   | {"epochs": self.epochs, "lr": self.lr})
         if problem:
-            raise UserError(f"training key warmup_epochs: {problem}.")
+            raise UserError(f"training key {problem[0]}: {problem[1]}.")
         if self.stage == "pretrain":
             check_model_config(self.model, "--model")
         if not 0 <= self.label_smoothing < 1:
@@ -139,7 +143,8 @@ class TrainConfig:
             raise UserError(f"apply must be one of {', '.join(APPLY)}; got {self.apply!r}.")
         spec = NoiseSpec.from_dict(self.noise)
         if spec.kind != "none" and not self.site:
-            raise UserError(f"noise kind {spec.kind} needs a site (e.g. blocks.3.attn or layer4.1).")
+            raise UserError(f"noise kind {spec.kind} needs a site (e.g. blocks.3.attn or layer4.1, or image for the "
+                            "input images).")
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -352,6 +357,7 @@ def save_final(run: _Run, model_cfg: dict, rows: list[dict], transfer: dict | No
             "noise_batch": run.noise_batch,
             "final": result["final"],
             "transfer": transfer,
+            "run_identity": run.identity,  # a rerun with the same identity has nothing to do
             **provenance(cfg.seed),
         }
         diverged = [k for k, v in run.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -364,9 +370,33 @@ def save_final(run: _Run, model_cfg: dict, rows: list[dict], transfer: dict | No
     return result
 
 
-def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
+def finished_run(out: Path, identity: dict, stage: str) -> dict | None:
+    """The sidecar of the finished run in ``out`` if it is this very training (same settings, data
+    and starting weights); None if ``out`` holds no finished run. A finished run of another training
+    is a UserError naming what differs: its checkpoint would be lost (``--overwrite`` replaces it).
+
+    A workflow's rerun is not refused: Snakemake deletes a job's outputs (the checkpoint and its
+    sidecar) before it runs the job again, so the folder then holds no finished run.
+    """
+    weights = out / "model.safetensors"
+    if not weights.exists() and not sidecar_path(weights).exists():
+        return None
+    try:
+        saved = read_sidecar(weights).get("run_identity")
+        why = identity_difference(saved, identity) if saved else "its sidecar does not record the run's settings"
+    except UserError:
+        saved, why = None, "its checkpoint or sidecar is incomplete"
+    if saved is not None and why is None:
+        return read_sidecar(weights)
+    raise UserError(f"{stage} --out {out} holds a finished run of another training ({why}); choose another folder, "
+                    "or pass --overwrite to replace it.")
+
+
+def train(cfg: TrainConfig, stop_after_steps: int | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) one training; returns the final metrics. Raises SystemExit(143) on SIGTERM.
 
+    A folder that holds this very training's finished run is left as it is (a rerun has nothing to
+    do); one that holds another training's is refused unless ``overwrite`` (``finished_run``).
     ``stop_after_steps`` behaves as if SIGTERM arrived after that many optimizer steps (for tests).
     """
     cfg.validate()
@@ -400,16 +430,24 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
         if dist.is_main:
             print(f"noisynn: transfer from data {str(init_meta.get('data_fingerprint'))[:12]} to {data.fingerprint[:12]}: "
                   f"{'; '.join(adapted)}", flush=True)
+    identity = resume.run_identity(asdict(cfg), cfg.init_checkpoint, data.fingerprint, dist.world)
+    done = None if overwrite else finished_run(out, identity, cfg.stage)
+    if done is not None:
+        if dist.is_main:
+            print(f"noisynn: {out} already holds this training's finished run; nothing to do", flush=True)
+        dist.close()
+        return {"final": done.get("final", {}), "epochs": cfg.epochs}
     what = f"checkpoint {cfg.init_checkpoint}" if cfg.stage == "finetune" else f"model {model_cfg.get('timm_name')}"
     check_model_fits_data(model, what, cfg.data_dir, data.num_classes, data.in_chans, data.image_size)
     spec = NoiseSpec.from_dict(cfg.noise)
     # a model that cannot run, a site it lacks, or a noise the site makes the identity: before any step
     dry = meta_model(model_cfg, data.num_classes, data.in_chans)
     check_forward(dry, (min(cfg.batch_size, 2), data.in_chans, data.image_size, data.image_size), what)
-    if spec.kind != "none":
+    if cfg.site:  # named without a noise too: a site the model lacks is a mistake either way
         from noisynn.inject import check_site
 
         check_site(model, cfg.site)
+    if spec.kind != "none":
         for batch in sorted({k, cfg.eval_batch_size}):
             check_noises_act(dry, cfg.site, [spec], (batch, data.in_chans, data.image_size, data.image_size),
                              f"{cfg.stage} of {out}: {what} at site {cfg.site}")
@@ -419,7 +457,11 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None) -> dict:
         if dist.is_main:
             remove_stale_temp_files(out)
             remove_stale_temp_files(out / "recovery")
-        result = _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out, stop_after_steps, k)
+            if overwrite:  # the replaced run must not look finished while this one trains
+                for path in (out / "model.safetensors", out / "model.json"):
+                    path.unlink(missing_ok=True)
+        result = _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out, identity,
+                               stop_after_steps, k)
     return result
 
 
@@ -445,12 +487,12 @@ def prepare_model(model, cfg: TrainConfig, spec: NoiseSpec, dist: Distributed, d
     return model, train_model, handle
 
 
-def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out: Path, stop_after_steps, k: int) -> dict:
+def _train_locked(cfg, dist, device, model, model_cfg, data, spec, transfer, out: Path, identity: dict,
+                  stop_after_steps, k: int) -> dict:
     """The part of ``train`` that writes the run folder (rank 0 holds its lock meanwhile)."""
     model, train_model, handle = prepare_model(model, cfg, spec, dist, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    identity = resume.run_identity(asdict(cfg), cfg.init_checkpoint, data.fingerprint, dist.world)
     run = _Run(cfg, dist, device, model, train_model, optimizer, data, handle, out / "recovery", identity, StopFlag(),
                stop_after_steps, k)
     resume.discard_foreign(run.recovery, identity, dist.is_main)

@@ -9,6 +9,7 @@ nothing downstream has to parse it back out of a path (docs/paper.md §4 and §6
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -114,6 +115,28 @@ def noise_strength(noise: dict) -> float | None:
         return float(noise["strength"])
     if noise["kind"] == "linear-shift":
         return float(noise["alpha"])
+    return None
+
+
+def noise_problem(noise: dict) -> tuple[str, str] | None:
+    """Why a noise setting cannot be run as a noise, as (key, what is wrong), or None.
+
+    A number that is not finite (a NaN strength would train on NaN activations and fail later,
+    blaming the learning rate), or a setting that is the identity wherever it acts: a Gaussian of
+    strength 0 (or of mean 0 and std 0), an impulse probability of 0, a shift weight alpha of 0.
+    Such a "noise" would report the vanilla model under a noise's name.
+    """
+    for key in ("strength", "mean", "std", "alpha"):
+        value = noise.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return key, f"must be a finite number; got {value}"
+    kind = noise.get("kind")
+    if kind in ADDITIVE_NOISE_KINDS and noise.get("strength", 1.0) == 0:
+        return "strength", f"{kind} noise of strength 0 leaves every input unchanged (the identity, no noise)"
+    if kind == "gaussian" and noise.get("mean", 0.0) == 0 and noise.get("std", 1.0) == 0:
+        return "std", "a Gaussian of mean 0 and std 0 adds nothing (the identity, no noise)"
+    if kind == "linear-shift" and noise.get("alpha", 0.3) == 0:
+        return "alpha", "the shift with alpha 0 leaves every input unchanged (the identity, no noise)"
     return None
 
 

@@ -187,6 +187,20 @@ def test_prepare_digits_is_deterministic_and_seeded(tmp_path):
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["fingerprint"] == a["fingerprint"]
 
 
+def test_prepared_arrays_are_named_for_their_dataset(tmp_path):
+    from noisynn.data import prepare_mnist
+
+    prepare_mnist(tmp_path / "mnist", image_size=8, seed=0)
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == ["manifest.json", "mnist.npz"]
+    assert len(load_dataset(tmp_path / "mnist").train) == 3000
+    # a folder prepared before the arrays were named for their dataset: its manifest has no arrays_file
+    prepare_digits(tmp_path / "old", image_size=8, seed=0)
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    assert manifest.pop("arrays_file") == "digits.npz"
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    assert len(load_dataset(tmp_path / "old").test) == manifest["counts"]["test"]  # read from digits.npz
+
+
 def test_digits_splits_are_stratified_and_disjoint(digits_dir):
     with np.load(digits_dir / "digits.npz") as z:
         labels, parts = z["labels"], {s: z[s] for s in ("train", "val", "test")}

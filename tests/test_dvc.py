@@ -1,11 +1,13 @@
 """DVC shares the workflow's costly results, and a second lab regenerates nothing after pulling them.
 
-The fast tests read dvc.yaml and .dvc/config. The slow ones play two labs with real DVC and a real
-local remote, on the tiny config (written as config/config.yaml, so dvc.yaml's paths follow its
-dataset name, digits-tiny): lab one runs `dvc repro` in a copy of this working tree and pushes;
-lab two clones lab one's repository, runs scripts/sync-results.sh, and must find every file
-identical and Snakemake with nothing to do. Corrupt bytes, in the remote or in a cache, must never
-reach a workspace or a remote unnoticed.
+The fast tests read dvc.yaml, .dvc/config and what git tracks under results/. The slow ones play
+two labs with real DVC and a real local remote, on two configs: the tiny config (written as
+config/config.yaml, so the demo stage's paths follow its dataset name, digits-tiny) and a tiny
+MNIST-5k config (written as config/mnist.yaml, whose stage names the dataset mnist). Lab one runs
+`dvc repro` of those two stages in a copy of this working tree and pushes; lab two clones lab
+one's repository, runs scripts/sync-results.sh, and must find every file identical and Snakemake
+with nothing to do for either config. Corrupt bytes, in the remote or in a cache, must never reach
+a workspace or a remote unnoticed.
 """
 
 from __future__ import annotations
@@ -26,11 +28,31 @@ from conftest import write_image_folder
 from workflow_helpers import BIN, REPO, copy_repo, job_counts
 
 TINY = "digits-tiny"
+SECOND = "mnist"  # the tiny MNIST-5k config's dataset, the name the workflow-mnist stage writes out
 CACHED = ("data", "vit", "resnet", "evaluations.csv")  # what DVC stores; the rest is in git
 COMMITTED = ("figures", "tables", "SUMMARY.md", "metrics.json")
+EMBEDDED_KINDS = ("digits", "mnist")  # data the repository's packages hold: no download, no folder to point at
+
+
+def embedded_configs() -> set[str]:
+    """The shipped configs that run on embedded data alone (the tests' tiny config aside): each needs its stage."""
+    found = set()
+    for path in sorted((REPO / "config").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text()) or {}
+        datasets = [config.get("dataset"), config.get("pretrain_dataset")]
+        if path.name != "tiny.yaml" and isinstance(config.get("models"), dict) and all(
+                d is None or d.get("kind") in EMBEDDED_KINDS for d in datasets) and datasets[0]:
+            found.add(f"config/{path.name}")
+    return found
 
 
 # --- the files as written ------------------------------------------------------------------------
+
+
+def dvc_stages() -> dict[str, dict]:
+    """The workflow stages of dvc.yaml (those that run Snakemake), by the config each runs."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {next(iter(s["params"][0])): s for s in stages.values() if "snakemake" in s["cmd"]}
 
 
 def dvc_stage() -> dict:
@@ -45,33 +67,74 @@ def out_entries(stage: dict, key: str = "outs") -> dict[str, dict]:
     return entries
 
 
+def stage_root(config_file: str) -> str:
+    """The results folder a stage names: the demo's from vars, the others' written out."""
+    return "results/${dataset.name}" if config_file == "config/config.yaml" else \
+        f"results/{yaml.safe_load((REPO / config_file).read_text())['dataset']['name']}"
+
+
+def test_every_embedded_config_runs_under_dvc_with_its_own_config():
+    stages = dvc_stages()
+    assert set(stages) == embedded_configs()
+    assert {"config/config.yaml", "config/mnist.yaml", "config/transfer.yaml", "config/architectures.yaml"} <= set(stages)
+    for config_file, stage in stages.items():
+        assert stage["cmd"].endswith(f"snakemake --cores all --configfile {config_file}"), config_file
+        assert stage["params"] == [{config_file: None}], "the params are the whole config Snakemake reads"
+
+
 def test_stage_caches_data_checkpoints_and_evaluations_and_never_deletes_them():
-    outs = out_entries(dvc_stage())
-    root = "results/${dataset.name}"
-    for name in CACHED:
-        assert outs[f"{root}/{name}"].get("cache", True), name
-        assert outs[f"{root}/{name}"].get("persist") is True, f"DVC would delete {name} before Snakemake runs"
-    for name in ("figures", "tables", "SUMMARY.md"):
-        assert outs[f"{root}/{name}"].get("cache") is False, f"{name} is committed to git, DVC must not cache it"
-    metrics = out_entries(dvc_stage(), "metrics")
-    assert metrics[f"{root}/metrics.json"].get("cache") is False
+    for config_file, stage in dvc_stages().items():
+        outs, root = out_entries(stage), stage_root(config_file)
+        models = yaml.safe_load((REPO / config_file).read_text())["models"]
+        for name in ("data", *models, "evaluations.csv", "sweeps.csv"):
+            assert outs[f"{root}/{name}"].get("cache", True), name
+            assert outs[f"{root}/{name}"].get("persist") is True, f"DVC would delete {name} before Snakemake runs"
+        for name in ("figures", "tables", "SUMMARY.md"):
+            assert outs[f"{root}/{name}"].get("cache") is False, f"{name} is committed to git, DVC must not cache it"
+        metrics = out_entries(stage, "metrics")
+        assert metrics[f"{root}/metrics.json"].get("cache") is False
 
 
-def test_stage_names_the_model_folders_of_the_config_it_runs():
-    """dvc.yaml lists one folder per model; a model added to config/config.yaml must be added there."""
-    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    folders = {Path(p).name for p in out_entries(dvc_stage())} - {"data", "evaluations.csv", "sweeps.csv", *COMMITTED}
-    assert folders == set(config["models"])
+def test_stage_names_the_dataset_and_model_folders_of_the_config_it_runs():
+    """Each stage lists its config's dataset folder, one folder per model and the prepared data; a
+    model added to a config must be added there."""
+    for config_file, stage in dvc_stages().items():
+        config = yaml.safe_load((REPO / config_file).read_text())
+        root = stage_root(config_file)
+        assert {str(Path(p).parent) for p in out_entries(stage)} | {str(Path(p).parent) for p in
+                                                                      out_entries(stage, "metrics")} == {root}
+        folders = {Path(p).name for p in out_entries(stage)} - {"evaluations.csv", "sweeps.csv", *COMMITTED}
+        data = {"data", "pretrain-data"} if config.get("pretrain_dataset") else {"data"}
+        assert folders == set(config["models"]) | data, config_file
+
+
+def test_plots_name_the_demo_dataset():
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    paths = [p if isinstance(p, str) else next(iter(next(iter(p.values()))["y"])) for p in plots]
+    assert all(p.startswith("results/${dataset.name}/") for p in paths), paths
 
 
 def test_stage_depends_on_code_workflow_and_the_config_it_runs():
-    stage = dvc_stage()
-    # the code enters as its per-step digests (noisynn/pipeline/codedigest.py), which the code stage writes from noisynn/
-    assert set(stage["deps"]) >= {"Snakefile", "workflow", "results/code-digest.json", "config/paper_results.csv"}
+    for stage in dvc_stages().values():
+        # the code enters as its per-step digests (noisynn/pipeline/codedigest.py), which the code stage writes from noisynn/
+        assert set(stage["deps"]) >= {"Snakefile", "workflow", "results/code-digest.json", "config/paper_results.csv"}
     code = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["code"]
     assert code["deps"] == ["noisynn"] and "noisynn.pipeline.codedigest --out results/code-digest.json" in code["cmd"]
-    assert {"config/config.yaml": None} in stage["params"], "the params are the whole config Snakemake reads"
     assert yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"] == ["config/config.yaml:dataset"]
+
+
+def test_git_tracks_no_checkpoint_prediction_or_prepared_data():
+    """What DVC caches is ignored by git in every dataset folder, and git holds none of it."""
+    tracked = subprocess.run(["git", "ls-files", "results"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    heavy = [p for p in tracked if p.endswith((".safetensors", ".npz", "model.json")) or re.search(r"/(pretrain-)?data/", p)]
+    assert not heavy, heavy[:5]
+    for config_file, stage in dvc_stages().items():
+        root = stage_root(config_file).replace("${dataset.name}", "digits")
+        cached = [Path(p).name for p, o in out_entries(stage).items() if o.get("cache", True)]
+        ignored = subprocess.run(["git", "check-ignore", *(f"{root}/{name}" for name in cached)], cwd=REPO,
+                                 capture_output=True, text=True).stdout.split()
+        assert ignored == [f"{root}/{name}" for name in cached], config_file
 
 
 def test_default_remote_is_local_and_verifies_what_it_downloads():
@@ -121,11 +184,12 @@ def run(env: dict, cwd: Path, *cmd: str, check: bool = True, timeout: int = 900)
 
 
 def checksums(repo: Path) -> dict[str, str]:
-    """sha256 of every file of the stage's outputs, by path relative to the repository."""
+    """sha256 of every file of the two stages' outputs, by path relative to the repository."""
     files = []
-    for name in (*CACHED, *COMMITTED):
-        path = repo / "results" / TINY / name
-        files += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for dataset in (TINY, SECOND):
+        for name in (*CACHED, *COMMITTED):
+            path = repo / "results" / dataset / name
+            files += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -141,9 +205,26 @@ def written_logs(repo: Path) -> list[str]:
     return sorted(str(p) for p in (repo / "logs").rglob("*") if p.is_file() and p.stat().st_size)
 
 
-def dry_run_jobs(env: dict, repo: Path) -> dict[str, int]:
-    out = run(env, repo, "snakemake", "--dry-run")
+def dry_run_jobs(env: dict, repo: Path, config: str = "config/config.yaml") -> dict[str, int]:
+    out = run(env, repo, "snakemake", "--dry-run", "--configfile", config)
     return job_counts(out.stdout + out.stderr)
+
+
+def second_config() -> dict:
+    """A tiny MNIST-5k config for the workflow-mnist stage: one epoch each, the vanilla model and the
+    released recipe, 8 px (the prepared file is mnist.npz)."""
+    config = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    config["dataset"] = {"name": SECOND, "kind": "mnist", "image_size": 8, "split_seed": 0}
+    config["noises"] = [{"kind": "none"}, {"kind": "linear-optimal", "axis": ["batch"]}]
+    config.pop("layer_sweep")
+    for model in config["models"].values():
+        model.pop("layer_sweep_sites")
+    config["pretrain"].update(epochs=1, warmup_epochs=0)
+    config["finetune"]["epochs"] = 1
+    return config
+
+
+STAGES = ("workflow", "workflow-mnist")  # what lab one reproduces; the other configs' stages stay unrun
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +238,13 @@ def lab_one(tmp_path_factory, env, remote) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("lab-one"))
     (repo / "dvc.lock").unlink(missing_ok=True)  # the demo's lock; the tiny run writes its own
     shutil.copy(repo / "config/tiny.yaml", repo / "config/config.yaml")
+    (repo / "config/mnist.yaml").write_text(yaml.safe_dump(second_config(), sort_keys=False))
     run(env, repo, "git", "init", "--quiet")
     run(env, repo, "git", "add", "--all")
-    run(env, repo, "git", "commit", "--quiet", "-m", "noisynn with the tiny config")
+    run(env, repo, "git", "commit", "--quiet", "-m", "noisynn with two tiny configs")
     # the documented way to point a checkout at another store without editing a tracked file
     run(env, repo, "dvc", "remote", "modify", "--local", "store", "url", str(remote))
-    run(env, repo, "dvc", "repro", timeout=1500)
+    run(env, repo, "dvc", "repro", *STAGES, timeout=1500)
     run(env, repo, "git", "add", "--all")
     run(env, repo, "git", "commit", "--quiet", "-m", "tiny results")
     run(env, repo, "dvc", "push")
@@ -174,18 +256,25 @@ def lab_two(tmp_path_factory, env, lab_one, remote) -> Path:
     """A clone of lab one's repository, then `scripts/sync-results.sh` as the README says."""
     repo = clone(env, lab_one, tmp_path_factory.mktemp("lab-two") / "repo", remote)
     assert not (repo / "results" / TINY / "vit").exists(), "checkpoints must come from DVC, not git"
-    run(env, repo, "scripts/sync-results.sh")
+    assert not (repo / "results" / SECOND / "data").exists(), "prepared data must come from DVC, not git"
+    synced = run(env, repo, "scripts/sync-results.sh")
+    assert "workflow-transfer (config/transfer.yaml) has no results in dvc.lock yet; skipped" in synced.stderr
     return repo
 
 
 @pytest.mark.slow
 def test_git_holds_the_summary_and_dvc_holds_the_checkpoints(env, lab_one):
-    tracked = run(env, lab_one, "git", "ls-files", f"results/{TINY}").stdout.split()
-    assert f"results/{TINY}/SUMMARY.md" in tracked and f"results/{TINY}/metrics.json" in tracked
-    assert any(p.startswith(f"results/{TINY}/figures/") for p in tracked)
-    assert not [p for p in tracked if p.endswith(".safetensors") or "/data/" in p or p.endswith("evaluations.csv")]
-    lock = yaml.safe_load((lab_one / "dvc.lock").read_text())["stages"]["workflow"]
-    assert {o["path"] for o in lock["outs"]} >= {f"results/{TINY}/{name}" for name in CACHED}
+    for stage, dataset in zip(STAGES, (TINY, SECOND)):
+        tracked = run(env, lab_one, "git", "ls-files", f"results/{dataset}").stdout.split()
+        assert f"results/{dataset}/SUMMARY.md" in tracked and f"results/{dataset}/metrics.json" in tracked
+        assert any(p.startswith(f"results/{dataset}/figures/") for p in tracked)
+        assert not [p for p in tracked if p.endswith((".safetensors", ".npz")) or "/data/" in p
+                    or p.endswith("evaluations.csv")]
+        lock = yaml.safe_load((lab_one / "dvc.lock").read_text())["stages"][stage]
+        assert {o["path"] for o in lock["outs"]} >= {f"results/{dataset}/{name}" for name in CACHED}
+    # the prepared data is named for its dataset
+    assert (lab_one / "results" / SECOND / "data" / "mnist.npz").is_file()
+    assert (lab_one / "results" / TINY / "data" / "digits.npz").is_file()
     status = run(env, lab_one, "dvc", "status", "--cloud", "--json")
     assert json.loads(status.stdout) == {}, "everything DVC caches is in the remote"
 
@@ -193,26 +282,30 @@ def test_git_holds_the_summary_and_dvc_holds_the_checkpoints(env, lab_one):
 @pytest.mark.slow
 def test_second_lab_pulls_identical_files_and_retrains_nothing(env, lab_one, lab_two):
     assert checksums(lab_two) == checksums(lab_one)
-    assert len(checksums(lab_two)) > 20
+    assert len([p for p in checksums(lab_two) if f"/{SECOND}/" in p]) > 20
     assert dry_run_jobs(env, lab_two) == {}
-    assert json.loads(run(env, lab_two, "dvc", "status", "--json").stdout) == {}
+    assert dry_run_jobs(env, lab_two, "config/mnist.yaml") == {}
+    assert json.loads(run(env, lab_two, "dvc", "status", "--json", "code", *STAGES).stdout) == {}
     assert written_logs(lab_two) == [], "no workflow job ran in lab two"
 
 
 @pytest.mark.slow
 def test_sync_handles_pulled_files_in_the_worst_order(env, lab_one, lab_two):
     """Checkpoints older than the data they were trained on: Snakemake would retrain everything."""
-    results = lab_two / "results" / TINY
     hour_ago = time.time() - 3600
-    for name in ("vit", "resnet", "evaluations.csv"):
-        for path in [results / name, *(results / name).rglob("*")]:
-            os.utime(path, (hour_ago, hour_ago))
-    planned = dry_run_jobs(env, lab_two)
-    assert planned.get("pretrain") == 2 and planned.get("finetune"), planned
+    for dataset in (TINY, SECOND):
+        for name in ("vit", "resnet", "evaluations.csv"):
+            path = lab_two / "results" / dataset / name
+            for p in [path, *path.rglob("*")]:
+                os.utime(p, (hour_ago, hour_ago))
+    for config in ("config/config.yaml", "config/mnist.yaml"):
+        planned = dry_run_jobs(env, lab_two, config)
+        assert planned.get("pretrain") == 2 and planned.get("finetune"), planned
 
     run(env, lab_two, "scripts/sync-results.sh")
 
     assert dry_run_jobs(env, lab_two) == {}
+    assert dry_run_jobs(env, lab_two, "config/mnist.yaml") == {}
     assert checksums(lab_two) == checksums(lab_one)
 
 
@@ -253,7 +346,7 @@ def test_a_corrupt_object_in_the_remote_never_reaches_a_workspace(env, lab_one, 
     bad_sha = hashlib.sha256((damaged / obj).read_bytes()).hexdigest()
 
     lab = clone(env, lab_one, tmp_path / "lab-three", damaged)
-    pulled = run(env, lab, "dvc", "pull", check=False)
+    pulled = run(env, lab, "dvc", "pull", *STAGES, check=False)
 
     assert pulled.returncode != 0
     assert f"results/{TINY}/resnet" in pulled.stderr
@@ -264,18 +357,18 @@ def test_a_corrupt_object_in_the_remote_never_reaches_a_workspace(env, lab_one, 
     # Why .dvc/config sets `verify`: without it DVC trusts the remote and hands the bytes over.
     trusting = clone(env, lab_one, tmp_path / "lab-four", damaged)
     run(env, trusting, "dvc", "remote", "modify", "--local", "store", "verify", "false")
-    run(env, trusting, "dvc", "pull")
+    run(env, trusting, "dvc", "pull", *STAGES)
     assert bad_sha in checksums(trusting).values()
 
 
 @pytest.mark.slow
 def test_a_corrupt_object_in_the_cache_is_reported_and_not_pushed(env, lab_one, remote, tmp_path):
     lab = clone(env, lab_one, tmp_path / "lab", remote)
-    run(env, lab, "dvc", "pull")
+    run(env, lab, "dvc", "pull", *STAGES)
     obj = lab / ".dvc/cache" / object_of(lab_one, f"results/{TINY}/resnet", "pretrain/model.safetensors")
     corrupt(obj)
 
-    status = json.loads(run(env, lab, "dvc", "status", "--json").stdout)
+    status = json.loads(run(env, lab, "dvc", "status", "--json", *STAGES).stdout)
     assert status == {"workflow": [{"changed outs": {f"results/{TINY}/resnet": "not in cache"}}]}
 
     run(env, lab, "dvc", "remote", "add", "--local", "fresh", str(tmp_path / "fresh-remote"))
@@ -288,7 +381,7 @@ def test_a_corrupt_object_in_the_cache_is_reported_and_not_pushed(env, lab_one, 
 def test_experiment_with_a_params_override_reuses_the_pulled_checkpoints(env, lab_one, lab_two):
     """`dvc exp run -S` writes the config Snakemake reads; the same seeds mean no job at all."""
     before = checksums(lab_two)
-    ran = run(env, lab_two, "dvc", "exp", "run", "-S", "config/config.yaml:seeds=[0]")
+    ran = run(env, lab_two, "dvc", "exp", "run", "workflow", "-S", "config/config.yaml:seeds=[0]")
     assert "Ran experiment" in ran.stdout + ran.stderr
     assert yaml.safe_load((lab_two / "config/config.yaml").read_text())["seeds"] == [0]
     assert checksums(lab_two) == before

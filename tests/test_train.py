@@ -153,7 +153,10 @@ def test_rerun_with_other_settings_starts_over_and_same_settings_give_the_same_w
     assert_same_tensors(out / "model.safetensors", tmp_path / "before.safetensors")
     assert len(_summary_rows(out)) == 1
 
-    # an interrupted run whose settings then change must not resume the old state
+    # an interrupted run whose settings then change must not resume the old state (a workflow's rerun:
+    # Snakemake deletes the job's outputs first, so the folder holds no finished run)
+    for name in ("model.safetensors", "model.json"):
+        (out / name).unlink()
     with pytest.raises(SystemExit):
         train(TrainConfig(**{**asdict(cfg), "epochs": 2}), stop_after_steps=20)
     capsys.readouterr()

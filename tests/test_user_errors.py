@@ -615,3 +615,250 @@ def test_cost_mistakes_are_one_sentence(tmp_path, capsys):
     refused(capsys, ["cost", "--config", audit, *split, "--throughput", tmp_path], tmp_path, "not a file")
     digits = REPO / "config" / "config.yaml"
     refused(capsys, ["cost", "--config", digits], "--data")
+
+
+# --- 6. what still got through (issue 22): each class refused before the work -----------------
+
+
+def _digest(*paths: Path) -> dict[str, str]:
+    """The bytes of each file under ``paths``, so that a test can say an input is intact."""
+    import hashlib
+
+    files = [f for p in map(Path, paths) for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+IDENTITY_NOISES = [({"kind": "gaussian", "strength": 0}, "strength"), ({"kind": "linear-shift", "alpha": 0.0}, "alpha")]
+
+
+@pytest.mark.parametrize(("noise", "key"), IDENTITY_NOISES, ids=["gaussian-strength-0", "shift-alpha-0"])
+def test_identity_noise_is_refused_at_evaluation_and_in_finetuning(noise, key, resnet_run, digits_dir, tmp_path, capsys):
+    before = _digest(resnet_run.checkpoint, digits_dir)
+    refused(capsys, evaluate(resnet_run.checkpoint, digits_dir, tmp_path / "e.json", "--noise", json.dumps(noise),
+                             "--site", resnet_run.last_site), key, "identity")
+    assert not (tmp_path / "e.json").exists()
+    refused(capsys, finetune(resnet_run.checkpoint, digits_dir, tmp_path / "run", ONE_EPOCH, "--noise",
+                             json.dumps(noise), "--site", resnet_run.last_site), key, "identity")
+    assert_no_run(tmp_path / "run")
+    assert _digest(resnet_run.checkpoint, digits_dir) == before
+
+
+@pytest.mark.parametrize(("index", "key", "value", "why"),
+                         [(1, "strength", [0.5, 0], "identity"), (4, "alpha", [0.0], "identity"),
+                          (1, "strength", [float("inf")], "finite"), (2, "strength", [float("nan")], "finite")],
+                         ids=["gaussian-strength-0", "shift-alpha-0", "gaussian-inf", "impulse-nan"])
+def test_config_noise_that_is_the_identity_or_not_finite(index, key, value, why):
+    # the parse-time check a dry run (snakemake -n) and a real run both make before any job
+    cfg = tiny_config()
+    assert cfg["noises"][index].get(key) is not None
+    cfg["noises"][index][key] = value
+    config_refused(cfg, f"noises.{index}.{key}.{len(value) - 1}", why)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_noise_strength_that_is_not_finite(value, resnet_run, digits_dir, tmp_path, capsys):
+    noise = '{"kind": "gaussian", "strength": %s}' % value
+    refused(capsys, evaluate(resnet_run.checkpoint, digits_dir, tmp_path / "e.json", "--noise", noise, "--site",
+                             resnet_run.last_site), "strength", "finite")
+    refused(capsys, finetune(resnet_run.checkpoint, digits_dir, tmp_path / "run", ONE_EPOCH, "--noise", noise,
+                             "--site", resnet_run.last_site), "strength", "finite")
+    assert_no_run(tmp_path / "run")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_finished_run_folder_is_never_overwritten_by_other_settings(resnet_run, digits_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([str(a) for a in finetune(resnet_run.checkpoint, digits_dir, out)]) == 0
+    capsys.readouterr()
+    finished = _digest(out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    # another seed, another noise: refused, naming what differs; the finished run intact
+    line = refused(capsys, finetune(resnet_run.checkpoint, digits_dir, out, ONE_EPOCH, "--seed", 1), out, "--overwrite")
+    assert "seed was 0, now 1" in line
+    refused(capsys, finetune(resnet_run.checkpoint, digits_dir, out, ONE_EPOCH, "--noise", ROWS.replace("rows", "batch"),
+                             "--site", resnet_run.last_site), out, "noise")
+    assert _digest(out) == finished
+
+    # the same training again: nothing to do, nothing rewritten
+    assert main([str(a) for a in finetune(resnet_run.checkpoint, digits_dir, out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    # the workflow's rerun: Snakemake deletes a job's outputs (checkpoint and sidecar) before it runs it
+    for name in ("model.safetensors", "model.json"):
+        (out / name).unlink()
+    assert main([str(a) for a in finetune(resnet_run.checkpoint, digits_dir, out, ONE_EPOCH, "--seed", 1)]) == 0
+    assert json.loads((out / "model.json").read_text())["train_args"]["seed"] == 1
+
+    # and the user's explicit wish
+    assert main([str(a) for a in finetune(resnet_run.checkpoint, digits_dir, out, ONE_EPOCH, "--overwrite")]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "model.json").read_text())["train_args"]["seed"] == 0
+
+
+def test_aggregate_output_that_is_an_input_or_a_folder(tmp_path, capsys):
+    evaluation = tmp_path / "a.json"
+    evaluation.write_text('{"evaluations": []}\n')
+    before = _digest(evaluation)
+    refused(capsys, ["aggregate", evaluation, "--out", evaluation], evaluation, "input")
+    refused(capsys, ["aggregate", evaluation, "--out", tmp_path / "e.csv", "--sweeps-out", evaluation], "--sweeps-out",
+            "input")
+    refused(capsys, ["aggregate", evaluation, "--out", tmp_path / "e.csv", "--sweeps-out", tmp_path / "e.csv"],
+            "--sweeps-out", "--out")
+    (tmp_path / "folder").mkdir()
+    refused(capsys, ["aggregate", evaluation, "--out", tmp_path / "folder"], tmp_path / "folder", "is a folder")
+    refused(capsys, ["aggregate", tmp_path / "folder", "--out", tmp_path / "e.csv"], tmp_path / "folder")
+    assert _digest(evaluation) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "folder"]
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory) -> dict:
+    import report_fixture
+
+    return report_fixture.shared_inputs(tmp_path_factory, "no_sweeps")
+
+
+def report(inputs: dict, out: Path, dataset: str = "digits", **replace) -> list:
+    paths = {**inputs, **replace}
+    return ["report", "--evaluations", paths["evaluations"], "--sweeps", paths["sweeps"], "--paper", paths["paper"],
+            "--out-dir", out, "--dataset", dataset]
+
+
+def test_inputs_that_are_folders_where_files_go(resnet_run, digits_dir, tmp_path, capsys):
+    refused(capsys, evaluate(resnet_run.run_dir, digits_dir, tmp_path / "e.json"), resnet_run.run_dir, "is a folder")
+    refused(capsys, finetune(resnet_run.run_dir, digits_dir, tmp_path / "run"), resnet_run.run_dir, "is a folder")
+    refused(capsys, ["cost", "--config", tmp_path, "--images", "10", "--classes", "10"], tmp_path, "is a folder")
+    refused(capsys, evaluate(resnet_run.checkpoint, resnet_run.checkpoint, tmp_path / "e.json"), resnet_run.checkpoint,
+            "is a file")
+    assert_no_run(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_report_output_that_is_an_input_or_a_file(report_inputs, tmp_path, capsys):
+    shutil.copy(report_inputs["evaluations"], tmp_path / "SUMMARY.md")  # the evaluations, where SUMMARY.md goes
+    before = _digest(tmp_path / "SUMMARY.md")
+    refused(capsys, report(report_inputs, tmp_path, evaluations=tmp_path / "SUMMARY.md"), "SUMMARY.md", "input")
+    assert _digest(tmp_path / "SUMMARY.md") == before
+    (tmp_path / "notes").write_text("a file")
+    refused(capsys, report(report_inputs, tmp_path / "notes"), tmp_path / "notes", "existing file")
+    refused(capsys, report(report_inputs, tmp_path / "out", paper=tmp_path), tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_of_a_dataset_the_evaluations_do_not_hold(report_inputs, tmp_path, capsys):
+    before = _digest(report_inputs["evaluations"])
+    refused(capsys, report(report_inputs, tmp_path / "out", dataset="mnist"), "--dataset", "'mnist'", "'digits'",
+            report_inputs["evaluations"])
+    assert not (tmp_path / "out").exists()
+    assert _digest(report_inputs["evaluations"]) == before
+
+
+def test_report_with_a_truncated_paper_table(report_inputs, tmp_path, capsys):
+    text = report_inputs["paper"].read_bytes()
+    for cut, name in ((text.rindex(b"\n", 0, len(text) - 1) + 40, "cut mid-line"), (len(text) // 2, "cut in half")):
+        paper = tmp_path / f"paper-{cut}.csv"
+        paper.write_bytes(text[:cut])
+        refused(capsys, report(report_inputs, tmp_path / "out", paper=paper), paper)
+        assert paper.read_bytes() == text[:cut], name
+    assert not (tmp_path / "out").exists(), "no figure or table of a report that was refused"
+
+
+def test_compare_against_a_reference_without_cells(report_inputs, tmp_path, capsys):
+    from noisynn.report.compare import CELLS_COLUMNS
+
+    empty = tmp_path / "cells.csv"
+    empty.write_text(",".join(CELLS_COLUMNS) + "\n")
+    refused(capsys, ["compare", empty, empty], empty, "no cells")
+    assert empty.read_text() == ",".join(CELLS_COLUMNS) + "\n"
+
+
+def test_prepare_and_import_outputs_that_are_inputs_or_files(resnet_run, digits_dir, image_folder, tmp_path, capsys):
+    before = _digest(image_folder)
+    refused(capsys, ["prepare", "--kind", "imagefolder", "--root", image_folder, "--out", image_folder / "train",
+                     "--image-size", "8"], image_folder / "train", "input")
+    assert _digest(image_folder) == before
+    (tmp_path / "imported").write_text("a file")
+    model = json.dumps({**RESNET_MODEL, "pretrained": str(resnet_run.checkpoint)})
+    refused(capsys, ["import-weights", "--data", digits_dir, "--model", model, "--out", tmp_path / "imported"],
+            tmp_path / "imported", "existing file")
+    assert (tmp_path / "imported").read_text() == "a file"
+
+
+def test_min_lr_above_lr(resnet_run, digits_dir, tmp_path, capsys):
+    train = {**ONE_EPOCH, "lr": 1e-3, "min_lr": 1e-2}
+    refused(capsys, finetune(resnet_run.checkpoint, digits_dir, tmp_path / "run", train), "--train", "min_lr", "lr")
+    assert_no_run(tmp_path / "run")
+    cfg = tiny_config()
+    cfg["finetune"]["min_lr"] = cfg["finetune"]["lr"] * 10
+    config_refused(cfg, "finetune.min_lr", "above lr")
+
+
+def test_site_the_model_lacks_without_a_noise(resnet_run, digits_dir, tmp_path, capsys):
+    refused(capsys, evaluate(resnet_run.checkpoint, digits_dir, tmp_path / "e.json", "--site", "layer9.0"), "'layer9.0'")
+    assert not (tmp_path / "e.json").exists()
+    refused(capsys, finetune(resnet_run.checkpoint, digits_dir, tmp_path / "run", ONE_EPOCH, "--site", "layer9.0"),
+            "'layer9.0'")
+    assert_no_run(tmp_path / "run")
+
+
+def test_evaluate_a_noise_without_a_site_as_finetune_does(resnet_run, digits_dir, tmp_path, capsys):
+    gaussian = '{"kind": "gaussian", "strength": 0.5}'
+    refused(capsys, evaluate(resnet_run.checkpoint, digits_dir, tmp_path / "e.json", "--noise", gaussian), "--site",
+            "image")
+    settings = json.dumps([{"noise_params": {"kind": "gaussian", "strength": 0.5}}])
+    refused(capsys, evaluate(resnet_run.checkpoint, digits_dir, tmp_path / "e.json", "--settings", settings), "--site")
+    refused(capsys, finetune(resnet_run.checkpoint, digits_dir, tmp_path / "run", ONE_EPOCH, "--noise", gaussian),
+            "site", "image")
+    assert not (tmp_path / "e.json").exists()
+    assert_no_run(tmp_path / "run")
+
+
+def test_config_pretrained_weights_with_a_nan(tmp_path):
+    from safetensors.torch import save_file
+
+    from noisynn.models import build_model
+
+    cfg = tiny_config()
+    model = build_model({k: cfg["models"]["resnet"][k] for k in ("timm_name", "kwargs")}, 10, 1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["layer1.0.conv1.weight"].view(-1)[3] = float("nan")
+    weights = tmp_path / "weights.safetensors"
+    save_file(state, str(weights))
+    before = _digest(weights)
+    cfg["models"]["resnet"]["pretrained"] = str(weights)
+    config_refused(cfg, "models.resnet.pretrained", str(weights), "non-finite", "layer1.0.conv1.weight")
+    assert _digest(weights) == before
+
+
+def test_model_that_cannot_take_the_image_size(digits_dir, tmp_path, capsys):
+    # timm builds it, but its 32 px patches do not fit 16 px images: a RuntimeError on the meta device too
+    vit = {"timm_name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 32, "embed_dim": 32,
+                                                           "depth": 1, "num_heads": 2}}
+    refused(capsys, pretrain(vit, digits_dir, tmp_path / "run"), "cannot run", "image size")
+    assert_no_run(tmp_path / "run")
+    cfg = tiny_config()
+    cfg["models"]["vit"]["kwargs"].update(patch_size=16)  # the tiny config's images are 8 px
+    config_refused(cfg, "models.vit.kwargs", "cannot run")
+
+
+def test_config_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    broken = tmp_path / "mine.yaml"
+    broken.write_text("dataset:\n  name: digits\nseeds: [0, 1\nmodels: {}\n")
+    line = refused(capsys, ["cost", "--config", broken, "--images", "10", "--classes", "10"], broken, "line 4")
+    assert "YAML" in line
+    assert broken.read_text().startswith("dataset:")
+
+
+@pytest.mark.slow
+def test_workflow_default_config_yaml_syntax_error_names_the_file(tmp_path):
+    from workflow_helpers import copy_repo, snakemake
+
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "config" / "config.yaml").write_text("dataset:\n  name: [digits\nseeds: [0]\n")
+    proc = snakemake(repo, "--dry-run", check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("noisynn: error:")]
+    assert lines and "config/config.yaml" in lines[0] and "line" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

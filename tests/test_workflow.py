@@ -133,6 +133,8 @@ def test_paper_config_requests_gpus_declared(repo_copy, fake_imagefolder):
         (lambda c: c["noises"][1].update(kind="pink"), "noises.1.kind"),
         (lambda c: c["dataset"].update(kind="imagefolder", root="/no/such/dataset"), "dataset.root"),
         (lambda c: c["evaluate"].update(protocols=["clean", "sorted"]), "evaluate.protocols.1"),
+        (lambda c: c["noises"][4].update(alpha=[0.0]), "noises.4.alpha.0"),  # the shift at alpha 0: the identity
+        (lambda c: c["finetune"].update(min_lr=1.0), "finetune.min_lr"),
     ],
 )
 def test_broken_config_stops_before_any_job(repo_copy, tmp_path, edit, key):

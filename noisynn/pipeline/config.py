@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from noisynn.errors import UserError
-from noisynn.vocab import IMAGE_EXTENSIONS
+from noisynn.vocab import IMAGE_EXTENSIONS, noise_problem
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -113,12 +113,19 @@ def check_against_schema(doc, schema: dict, source: str) -> None:
 def read_yaml(path: Path, what: str):
     """The content of a YAML file, or one sentence saying that ``what`` (e.g. "config file") is missing or broken."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; expected a YAML file.")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist.")
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"{what} {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{what} {path} is not valid YAML{where} ({problem}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text (expected a YAML file).") from None
 
 
 def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None:
@@ -135,9 +142,9 @@ def _cross_checks(config: dict, source: str, check_folders: bool = True) -> None
                             f"pretrained on {config['pretrain_dataset']['name']!r} would be evaluated on other data.")
     for section in ("pretrain", "finetune"):
         if config.get(section) is not None:
-            problem = schedule_problem(config[section])
+            problem = training_problem(config[section])
             if problem:
-                raise UserError(f"{source}: key {section}.warmup_epochs: {problem}.")
+                raise UserError(f"{source}: key {section}.{problem[0]}: {problem[1]}.")
     _check_grid(config, source)
     _check_noise_batch(config, source)
 
@@ -197,6 +204,21 @@ def schedule_problem(section: dict) -> str | None:
     return (f"with epochs {epochs}, warmup_epochs {hyper['warmup_epochs']} and warmup_lr {hyper['warmup_lr']} every "
             "epoch trains at learning rate 0, so the weights would not change; set warmup_epochs below epochs "
             "(e.g. 0) or warmup_lr above 0")
+
+
+def training_problem(section: dict) -> tuple[str, str] | None:
+    """Why a training section cannot train as meant, as (key, what is wrong), or None: a number
+    that is not finite, a final learning rate min_lr above the peak lr (the cosine would then
+    raise the rate), or a schedule at learning rate 0 throughout (``schedule_problem``)."""
+    hyper = {**training_defaults(), **section}
+    for key, value in hyper.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return key, f"must be a finite number; got {value}"
+    if hyper["min_lr"] > hyper["lr"]:
+        return "min_lr", (f"the final learning rate {hyper['min_lr']:g} is above lr {hyper['lr']:g}, so the cosine "
+                          "schedule would raise the rate instead of decaying it; set min_lr <= lr")
+    problem = schedule_problem(hyper)
+    return ("warmup_epochs", problem) if problem else None
 
 
 def _check_dataset(ds: dict, key: str, source: str, check_folders: bool = True) -> None:
@@ -270,6 +292,9 @@ def _check_grid(config: dict, source: str) -> None:
             raise UserError(f"{source}: key noises.{i}.strength: the impulse probability must lie in [0, 1].")
         if kind.startswith("linear") and "axis" not in entry:
             raise UserError(f"{source}: key noises.{i}.axis: required for noise kind {kind} (batch, rows or features).")
+        _check_noise_values(entry, f"noises.{i}", source)
+    if config.get("layer_sweep"):
+        _check_noise_values(config["layer_sweep"], "layer_sweep", source)
     for name, m in config["models"].items():
         pre = m.get("pretrained")
         if pre not in (None, "hub") and not Path(pre).is_file():
@@ -332,8 +357,30 @@ def _check_noise_batch(config: dict, source: str) -> None:
                             f"(models.{name}.resources); {problem}.")
 
 
+def _check_noise_values(entry: dict, key: str, source: str) -> None:
+    """Every value of a noise entry (lists of strengths or alphas) is finite and makes a noise."""
+    for k in ("strength", "alpha"):
+        values = entry.get(k, [])
+        for j, v in enumerate(values if isinstance(values, list) else [values]):
+            problem = noise_problem({"kind": entry["kind"], k: v})
+            if problem:
+                where = f"{key}.{k}" + (f".{j}" if isinstance(values, list) else "")
+                raise UserError(f"{source}: key {where}: {problem[1]}.")
+    problem = noise_problem({k: entry[k] for k in ("kind", "mean", "std") if k in entry})
+    if problem:
+        raise UserError(f"{source}: key {key}.{problem[0]}: {problem[1]}.")
+
+
+def read_config_file(path: Path) -> dict:
+    """A config file's mapping of keys, or a UserError naming the file (and the line of a YAML mistake)."""
+    data = read_yaml(path, "config file")
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"config file {path} holds a YAML {type(data).__name__}; expected a mapping of keys.")
+    return data or {}
+
+
 def load_config(path: Path, check_folders: bool = True) -> dict:
-    return validate_config(read_yaml(path, "config file") or {}, str(path), check_folders)
+    return validate_config(read_config_file(path), str(path), check_folders)
 
 
 def dataset_geometry(ds: dict, model: dict, num_classes: int | None = None) -> dict:
@@ -358,8 +405,8 @@ def _code_digest() -> str:
 
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    files = [package / "pipeline" / "config.py", *(package / name for name in ("models.py", "inject.py", "noise.py")),
-             *sorted((package / "io").glob("*.py"))]
+    names = ("models.py", "inject.py", "noise.py", "vocab.py")
+    files = [package / "pipeline" / "config.py", *(package / name for name in names), *sorted((package / "io").glob("*.py"))]
     for path in files:
         digest.update(path.read_bytes())
     for dist in ("torch", "timm"):
@@ -419,6 +466,7 @@ def run_model_checks(checks: list[dict]) -> None:
         _classifier_keys,
         check_forward,
         check_model_fits_data,
+        check_weights_finite,
         data_kwargs,
         meta_model,
         refuse_unfit_weights,
@@ -455,6 +503,7 @@ def run_model_checks(checks: list[dict]) -> None:
             shapes = {k: shape for k, (_, shape) in header.items()}
             try:
                 refuse_unfit_weights(model, shapes, Path(c["pretrained"]), model_cfg["timm_name"])
+                check_weights_finite(Path(c["pretrained"]), "pretrained weights file")
             except UserError as e:
                 raise UserError(f"{where}.pretrained: {e}") from None
             own = model.state_dict()

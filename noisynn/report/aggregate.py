@@ -11,6 +11,7 @@ from pathlib import Path
 
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path
+from noisynn.io.guards import check_not_an_input, check_output_file
 from noisynn.vocab import noise_strength
 
 METRICS = ("top1", "top5", "released_metric_top1", "released_metric_top5")
@@ -120,6 +121,13 @@ def aggregate(evaluations: list[Path], out: Path, sweeps_out: Path | None = None
     import pandas as pd
 
     paths = sorted(map(Path, evaluations))
+    inputs = {f"the evaluation {p}": p for p in paths}
+    outputs = [("--out", Path(out))] + ([("--sweeps-out", Path(sweeps_out))] if sweeps_out is not None else [])
+    for flag, path in outputs:
+        check_output_file(path, f"aggregate {flag}")
+        check_not_an_input(path, f"aggregate {flag}", inputs)
+    if sweeps_out is not None:
+        check_not_an_input(Path(sweeps_out), "aggregate --sweeps-out", {"the path given to --out": Path(out)})
     rows = [row for p in paths for row in evaluation_rows(p)]
     frame = pd.DataFrame(rows, columns=COLUMNS).sort_values("row_id", kind="stable")
     with atomic_path(out) as tmp:

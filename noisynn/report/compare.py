@@ -78,6 +78,9 @@ def read_cells(path: Path) -> pd.DataFrame:
     if missing:
         raise UserError(f"cells table {path} lacks the column(s) {', '.join(missing)} "
                         f"(expected {', '.join(CELLS_COLUMNS)}).")
+    if cells.empty:
+        # "consistent: 0 of 0 cells" would read as agreement
+        raise UserError(f"cells table {path} holds no cells (only its header); nothing can be compared with it.")
     for c in _OPTIONAL:
         if c not in cells.columns:
             cells[c] = ""

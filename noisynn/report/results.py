@@ -78,8 +78,15 @@ def read_table(path: Path, what: str, columns, hint: str, numeric=(), dataset: s
 
 def load_evaluations(path: Path, dataset: str) -> pd.DataFrame:
     """The tidy CSV with typed columns; rows of other datasets are dropped."""
-    df = read_table(path, "evaluations table", COLUMNS, "the output of `noisynn aggregate`", _NUMERIC, dataset,
-                   ("seed", "value"))
+    every = read_table(path, "evaluations table", COLUMNS, "the output of `noisynn aggregate`", _NUMERIC, None,
+                       ("seed", "value"))
+    df = every[every["dataset"].isin([dataset, ""])].reset_index(drop=True)
+    if df.empty and not every.empty:
+        # a report of nothing would look finished (an empty SUMMARY.md, metrics.json {}); a table without
+        # any row (a config without evaluations) still gets its report, each section saying so
+        held = ", ".join(repr(d) for d in sorted(set(every["dataset"])))
+        raise UserError(f"evaluations table {path} holds no rows of dataset {dataset!r} (report --dataset); it "
+                        f"holds {held}.")
     for c in _BOOLEAN:
         df[c] = df[c].str.lower().isin(["true", "1"])
     # the noise's gradient: false, true, or partner (vocab.DETACH)

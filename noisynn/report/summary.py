@@ -20,9 +20,10 @@ import pandas as pd
 
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_write_json, atomic_write_text
+from noisynn.io.guards import check_not_an_input, check_output_folder
 from noisynn.report import results, stats, tables
 from noisynn.report.plots import FIGURES, write_figure
-from noisynn.report.results import NO_DATA, Results, Setting, load_evaluations, load_sweeps, read_table
+from noisynn.report.results import NO_DATA, Results, Setting, load_evaluations, load_sweeps
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, LINEAR_NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS, RELEASED_NOISE
 
 TABLE_NAMES = (*tables.TABLES, "paper_vs_ours")
@@ -52,15 +53,21 @@ def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path 
     if only in (None, "summary") and paper_csv is None:
         raise UserError("report needs --paper (config/paper_results.csv) to write the summary and its tables.")
     out_dir = Path(out_dir)
+    check_output_folder(out_dir, "report --out-dir")
+    sources = {"the evaluations table (--evaluations)": evaluations_csv, "the sweeps table (--sweeps)": sweeps_csv,
+               "the paper's numbers (--paper)": paper_csv}
+    for name in declared_files(only):
+        check_not_an_input(out_dir / name, "report --out-dir", sources)
     sweeps = None if sweeps_csv is None else load_sweeps(Path(sweeps_csv), dataset)
     r = Results(load_evaluations(Path(evaluations_csv), dataset), sweeps)
+    # every input is read before the first file is written
+    paper = tables.load_paper(Path(paper_csv)) if only in (None, "summary") else None
     for name in FIGURES:
         if only in (None, name):
             write_figure(name, r, dataset, out_dir)
     if only not in (None, "summary"):
         return
     built = {name: build(r) for name, build in tables.TABLES.items()}
-    paper = read_table(Path(paper_csv), "paper results", tables.PAPER_COLUMNS, "the columns of config/paper_results.csv")
     built["paper_vs_ours"] = tables.paper_vs_ours_table(r, paper, dataset)
     for name, table in built.items():
         shown = tables.changes_display(table) if name == "changes" else None

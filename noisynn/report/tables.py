@@ -16,20 +16,38 @@ import numpy as np
 import pandas as pd
 
 from noisynn.entropy import delta_entropy_optimal
+from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path, atomic_write_text
 from noisynn.orders import SWEEP_ORDERS
 from noisynn.report import stats
 from noisynn.report.compare import CELLS_COLUMNS, seeds_text
-from noisynn.report.results import FAMILIES, NO_DATA, Results, Setting
+from noisynn.report.results import FAMILIES, NO_DATA, Results, Setting, read_table
 from noisynn.vocab import ADDITIVE_NOISE_KINDS, NOISE_KINDS, NOISY_PROTOCOLS, PROTOCOLS
 
 NOT_RUN = "not run at this scale"
 POOLING_PROTOCOLS = ("released", "shuffled", "class_pure", "class_mixed")
 PAPER_COLUMNS = ["claim_id", "model", "dataset", "resolution", "noise", "protocol", "metric", "value", "source"]
+PAPER_REQUIRED = ("claim_id", "dataset", "protocol", "metric", "value", "source")  # a claim may name no model
 SETTING = ["model", "noise", "apply", "site"]
 CHANGES_COLUMNS = [*SETTING, "protocol", "change", "ci_low", "ci_high", "mde", "n_seeds", "n_units", "unit",
                    "improved", "worsened", "test", "pvalue", "family", "adjustment", "adjusted_pvalue", "verdict",
                    "batch_dependence", "transductive"]
+
+
+def load_paper(path: Path) -> pd.DataFrame:
+    """The paper's numbers (config/paper_results.csv), refused when cut short: a file that does not
+    end with a line break, or a row without one of PAPER_REQUIRED or with a value that is no number."""
+    paper = read_table(Path(path), "paper results", PAPER_COLUMNS, "the columns of config/paper_results.csv")
+    if not Path(path).read_bytes().endswith(b"\n"):
+        raise UserError(f"paper results {path} does not end with a line break: the file was cut short; restore it "
+                        "(git checkout config/paper_results.csv).")
+    value = pd.to_numeric(paper["value"], errors="coerce")
+    for i, row in paper.iterrows():
+        empty = [c for c in PAPER_REQUIRED if pd.isna(row[c]) or not str(row[c]).strip()]
+        if empty or not math.isfinite(value[i]):
+            why = f"no {empty[0]}" if empty else f"value {row['value']!r}, not a number"
+            raise UserError(f"paper results {path}: line {i + 2} has {why}; the file is cut short or damaged.")
+    return paper
 
 
 def seed_mean(values: dict[int, float]) -> float:

@@ -18,6 +18,7 @@ from noisynn.pipeline.config import (
     check_models_and_sites,
     job_environment,
     processes,
+    read_config_file,
     validate_config,
 )
 from noisynn.pipeline.grid import Grid
@@ -29,8 +30,15 @@ from noisynn.vocab import (
     PRETRAIN_PATH,
 )
 
-CONFIG_SOURCE = ", ".join(str(p) for p in workflow.configfiles) or "the config"
 try:
+    # The demo config, unless --configfile names another: Snakemake would otherwise merge the two
+    # (the demo's models would join the paper's). Read here first, so that a YAML mistake names
+    # the file and the line (Snakemake's own message names neither; a file given with
+    # --configfile is read by Snakemake before this code runs).
+    if not workflow.overwrite_configfiles:
+        read_config_file(DEFAULT_CONFIG)
+        workflow.configfile(DEFAULT_CONFIG)
+    CONFIG_SOURCE = ", ".join(str(p) for p in workflow.configfiles) or "the config"
     CFG = validate_config(config, CONFIG_SOURCE)
     check_models_and_sites(
         CFG, CONFIG_SOURCE, Path(".snakemake/noisynn-checked-models.json")

@@ -307,6 +307,7 @@ def _evaluate(args) -> int:
     from noisynn.evaluate import evaluate_group
     from noisynn.io.atomic import atomic_path, atomic_write_json, remove_stale_temp_files
     from noisynn.io.guards import check_not_an_input, check_output_file
+    from noisynn.io.provenance import file_sha256
     from noisynn.models import sidecar_path
 
     if args.settings is not None and args.noise is not None:
@@ -359,10 +360,13 @@ def _evaluate(args) -> int:
     for _, path in outputs:  # a killed earlier run's half-written files
         remove_stale_temp_files(path.parent, [path.name])
     try:
+        result["predictions"] = None  # the record names its predictions file, never left to be guessed
         if args.predictions:
             with atomic_path(args.predictions) as tmp:
                 with open(tmp, "wb") as fh:
                     np.savez_compressed(fh, **arrays)
+            result["predictions"] = {"file": os.path.relpath(args.predictions, args.out.parent),
+                                     "sha256": file_sha256(args.predictions)}
         atomic_write_json(args.out, result)
     except OSError as e:
         raise UserError(f"evaluate could not write its results next to {args.out} ({e.strerror or e}); "

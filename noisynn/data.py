@@ -31,7 +31,7 @@ import torch
 
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path, atomic_write_json
-from noisynn.orders import test_batches  # noqa: F401  (re-exported: the test orders live in orders.py)
+from noisynn.io.provenance import file_sha256
 from noisynn.vocab import IMAGE_EXTENSIONS, ORDERS, PREPROCESSES, released_metric  # noqa: F401  (re-exported)
 
 EMBEDDED_KINDS = ("digits", "mnist", "arrays")
@@ -251,7 +251,7 @@ def _prepare_embedded(out_dir: Path, name: str, source: str, raw, images, labels
     with atomic_path(out_dir / arrays_file(name)) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=normalized, labels=labels, train=train, val=val, test=test)
-        npz_sha256 = _sha256(tmp)
+        npz_sha256 = file_sha256(tmp)
     manifest = {
         "dataset": name,
         "kind": name,
@@ -297,7 +297,7 @@ def prepare_arrays(out_dir: Path, images: np.ndarray, labels: np.ndarray, splits
     with atomic_path(out_dir / arrays_file(name)) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images, labels=labels, **{k: np.asarray(splits[k]) for k in ("train", "val", "test")})
-        npz_sha256 = _sha256(tmp)
+        npz_sha256 = file_sha256(tmp)
     manifest = {"dataset": name, "kind": "arrays", "arrays_file": arrays_file(name), "image_size": int(images.shape[-1]), "in_chans": int(images.shape[1]),
                 "num_classes": num_classes, "classes": [str(c) for c in range(num_classes)],
                 "counts": {k: len(splits[k]) for k in ("train", "val", "test")}, "npz_sha256": npz_sha256,
@@ -308,14 +308,6 @@ def prepare_arrays(out_dir: Path, images: np.ndarray, labels: np.ndarray, splits
 
 def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- image folders ---------------------------------------------------------------------------
@@ -502,7 +494,7 @@ def _read_arrays(data_dir: Path, manifest: dict):
     if not npz_path.is_file():
         raise UserError(f"dataset file {npz_path} is missing; prepare the dataset again.")
     recorded = manifest.get("npz_sha256")
-    if recorded and _sha256(npz_path) != recorded:
+    if recorded and file_sha256(npz_path) != recorded:
         raise UserError(f"dataset file {npz_path} has changed since `noisynn prepare` wrote {data_dir / 'manifest.json'} "
                         "(its SHA-256 differs); prepare the dataset again.")
     try:

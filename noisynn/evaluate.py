@@ -36,7 +36,7 @@ from noisynn.inject import cache_point, check_site, forward_prefix, forward_suff
 from noisynn.io.provenance import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
-from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, forward_calls, purity_batches, test_batches
+from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, batches_in_order, forward_calls, purity_batches
 from noisynn.vocab import (
     PROTOCOL_DEFS,
     PROTOCOLS,
@@ -209,7 +209,7 @@ def _sweeps(runner: _Runner, handle, labels: np.ndarray, seed: int, noise_on: bo
             if k == 1 and single is not None and not handle.spec.is_random:
                 r = single  # a batch of one image is the same batch in every order
             else:
-                r = _score(runner, test_batches(labels, order, k, seed), labels)
+                r = _score(runner, batches_in_order(labels, order, k, seed), labels)
             if k == 1:
                 single = r
             out["batch_size"].append({"order": order, "batch_size": k, "top1": r["top1"], "n": len(labels)})
@@ -246,12 +246,12 @@ def _pooling_control(clean_logits: np.ndarray, labels: np.ndarray, seed: int, te
 
     for name in ("released", "shuffled", "class_pure", "class_mixed"):
         p = PROTOCOL_DEFS[name]
-        pred, batch_of = pooled(test_batches(labels, p.order, test_batch_size, seed))
+        pred, batch_of = pooled(batches_in_order(labels, p.order, test_batch_size, seed))
         out["protocols"][name] = {"order": p.order, "batch_size": test_batch_size, "top1": float((pred == labels).mean())}
         arrays[f"{pooling_stem(name)}/pred"], arrays[f"{pooling_stem(name)}/batch"] = pred, batch_of
     for order in SWEEP_ORDERS:
         for k in SWEEP_BATCH_SIZES:
-            pred, batch_of = pooled(test_batches(labels, order, k, seed))
+            pred, batch_of = pooled(batches_in_order(labels, order, k, seed))
             out["batch_size"].append({"order": order, "batch_size": k, "top1": float((pred == labels).mean())})
             arrays[f"{pooling_batch_size_stem(order, k)}/pred"] = pred
     return out, arrays
@@ -387,7 +387,7 @@ def evaluate_group(
                 # the noise off: every setting of the group predicts what the plain model predicts
                 r = clean_cache[name]
             else:
-                r = _score(runner, test_batches(labels, p.order, bs, seed), labels, keep_logits=name == "clean")
+                r = _score(runner, batches_in_order(labels, p.order, bs, seed), labels, keep_logits=name == "clean")
                 if not p.noise_on:
                     clean_cache[name] = r
             k = handle.mixed_axis_size(bs) if p.noise_on and handle.last_input_shape else None
@@ -415,7 +415,7 @@ def evaluate_group(
             sweep, sweep_arrays = _sweeps(runner, handle, labels, seed, noise_on=True)
             handle.enabled = False
             if "clean" not in clean_cache:
-                clean_cache["clean"] = _score(runner, test_batches(labels, "shuffled", test_batch_size, seed), labels,
+                clean_cache["clean"] = _score(runner, batches_in_order(labels, "shuffled", test_batch_size, seed), labels,
                                               keep_logits=True)
             control, control_arrays = _pooling_control(clean_cache["clean"]["logits"], labels, seed, test_batch_size)
             record["sweeps"] = {**sweep, "pooling_control": control}

@@ -2,7 +2,7 @@
 
 The evaluation protocols (``vocab.PROTOCOL_DEFS``) name an order and a batch size; the experiments
 that separate the batch leak from the entropy theory (docs/paper.md §6) need two more cuts:
-batches of a chosen purity (``purity_batches``) and any batch size (``test_batches`` takes one).
+batches of a chosen purity (``purity_batches``) and any batch size (``batches_in_order`` takes one).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ SWEEP_BATCH_SIZES = (1, 2, 4, 8, 10, 16, 32, 64)
 PURITY_BATCH_SIZE = 10
 
 
-def test_batches(labels: np.ndarray, order: str, batch_size: int, seed: int = 0) -> list[np.ndarray]:
+def batches_in_order(labels: np.ndarray, order: str, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     """Split the indices 0..N-1 into test batches in the named order; every index appears once.
 
     ``shuffled``: a seeded permutation, cut into batches;

@@ -236,11 +236,11 @@ def record_epoch(folder: Path, epoch: int, model, data, batch_size: int, device,
     val and test image's correctness, both splits read class-sorted in batches of ``batch_size`` (the
     released protocol's order; a test list sorted by class in its own order), the noise as in validation."""
     from noisynn.io.atomic import atomic_path
-    from noisynn.orders import test_batches
+    from noisynn.orders import batches_in_order
 
     arrays = {}
     for name, split in (("val", data.val), ("test", data.test)):
-        batches = test_batches(np.asarray(split.labels), "class_sorted", batch_size)
+        batches = batches_in_order(np.asarray(split.labels), "class_sorted", batch_size)
         arrays[f"{name}_correct"] = correct_per_image(model, split, batches, device, num_workers)
         batch_of = np.empty(len(split), dtype=np.int64)
         for j, b in enumerate(batches):

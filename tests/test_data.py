@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from noisynn.data import ORDERS, load_dataset, prepare_digits, prepare_image_folder, released_metric
-from noisynn.data import test_batches as order_batches  # aliased: pytest would collect a test_* name
 from noisynn.errors import UserError
+from noisynn.orders import batches_in_order as order_batches
 
 BALANCED = np.repeat(np.arange(10), 7)  # 10 classes × 7 samples, interleaved below
 UNBALANCED = np.repeat(np.arange(5), [23, 9, 4, 1, 13])

@@ -427,3 +427,18 @@ def corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def test_the_claims_stage_depends_on_every_result_the_ledger_reads():
+    """results/CLAIMS.md is current only if each results folder the ledger names is one of its inputs."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["claims"]
+    ledger = yaml.safe_load((REPO / "config/claims.yaml").read_text())["claims"]
+    deps = set(stage["deps"])
+    assert {"config/claims.yaml", "results/code-digest.json"} <= deps
+    for claim in ledger:
+        ours = claim.get("ours") or {}
+        if ours.get("results"):
+            assert f"{ours['results']}/evaluations.csv" in deps, claim["id"]
+        if ours.get("selection"):  # per-epoch scores inside the run folders of a model
+            assert any(ours["selection"].startswith(d + "/") for d in deps), claim["id"]
+    assert stage["outs"] == [{"results/CLAIMS.md": {"cache": False}}]

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from noisynn.data import load_dataset, released_metric
-from noisynn.data import test_batches as order_batches  # aliased: pytest would collect a test_* name
 from noisynn.errors import UserError
 from noisynn.evaluate import PROTOCOL_DEFS, PROTOCOLS, evaluate_checkpoint
+from noisynn.orders import batches_in_order as order_batches
 
 OPTIMAL_BATCH = {"kind": "linear-optimal", "axis": "batch"}
 

@@ -38,7 +38,7 @@ def test_a_list_sorted_by_class_is_the_class_sorted_order():
     labels = np.sort(rng.integers(0, 7, size=300))
     assert listed_in_class_order(labels)
     for k in (10, 16, 128):
-        theirs = [labels[b] for b in orders.test_batches(labels, "class_sorted", k)]
+        theirs = [labels[b] for b in orders.batches_in_order(labels, "class_sorted", k)]
         pure = sum(1 for b in theirs if len(set(b)) == 1)
         assert one_class_batches(labels, (k,))[0]["one_class"] == pure
     shuffled = rng.permutation(labels)

@@ -862,3 +862,30 @@ def test_workflow_default_config_yaml_syntax_error_names_the_file(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("noisynn: error:")]
     assert lines and "config/config.yaml" in lines[0] and "line" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_an_evaluation_names_its_predictions_file_and_a_missing_or_changed_one_is_refused(resnet_run, digits_dir,
+                                                                                         tmp_path, capsys):
+    """The record says which predictions file it wrote (and its hash): nothing is guessed from a
+    sibling's name, and a file lost or replaced since is named instead of silently becoming no data."""
+    out, predictions = tmp_path / "eval" / "evaluations.json", tmp_path / "eval" / "predictions.npz"
+    assert main([str(a) for a in evaluate(resnet_run.checkpoint, digits_dir, out, "--predictions", predictions,
+                                          "--protocols", "clean")]) == 0
+    capsys.readouterr()
+    record = json.loads(out.read_text())["predictions"]
+    assert record == {"file": "predictions.npz", "sha256": _digest(predictions)[str(predictions)]}
+    table = tmp_path / "e.csv"
+    assert main(["aggregate", str(out), "--out", str(table)]) == 0
+    import pandas as pd
+
+    assert set(pd.read_csv(table)["predictions"]) == {str(predictions)}
+    predictions.write_bytes(predictions.read_bytes() + b"\0")  # replaced since
+    refused(capsys, ["aggregate", out, "--out", tmp_path / "e2.csv"], out, predictions, "sha256 differs")
+    predictions.unlink()
+    refused(capsys, ["aggregate", out, "--out", tmp_path / "e2.csv"], out, predictions, "does not exist")
+    assert not (tmp_path / "e2.csv").exists()
+    # an evaluation that wrote no predictions says so, and its rows have none
+    assert main([str(a) for a in evaluate(resnet_run.checkpoint, digits_dir, out, "--protocols", "clean")]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["predictions"] is None
+    assert main(["aggregate", str(out), "--out", str(table)]) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_path
 from noisynn.io.guards import check_not_an_input, check_output_file
+from noisynn.io.provenance import file_sha256
 from noisynn.vocab import noise_strength
 
 METRICS = ("top1", "top5", "released_metric_top1", "released_metric_top5")
@@ -35,10 +36,26 @@ def read_group(path: Path) -> dict:
     return group
 
 
+def predictions_file(path: Path, group: dict) -> Path | None:
+    """The predictions file an evaluation names (relative to its JSON), checked to be the file it
+    wrote; None where it wrote none. A named file that is missing or changed is refused."""
+    record = group.get("predictions")
+    if not record:
+        return None
+    file = path.parent / record["file"]
+    if not file.is_file():
+        raise UserError(f"evaluation {path} names its predictions file {file}, which does not exist; "
+                        "restore it (dvc pull) or evaluate again.")
+    if file_sha256(file) != record["sha256"]:
+        raise UserError(f"evaluation {path}: its predictions file {file} is not the one it wrote (sha256 differs); "
+                        "evaluate again or restore the file.")
+    return file
+
+
 def evaluation_rows(path: Path) -> list[dict]:
     path = Path(path)
     group = read_group(path)
-    predictions = path.with_name("predictions.npz")
+    predictions = predictions_file(path, group)
     rows = []
     for ev in group["evaluations"]:
         s, noise = ev["setting"], ev["noise"]
@@ -73,7 +90,7 @@ def evaluation_rows(path: Path) -> list[dict]:
                     "preprocess": group.get("preprocess") or "",  # empty: embedded data, normalized when prepared
                     "checkpoint": group["checkpoint"],
                     "evaluation": str(path),
-                    "predictions": str(predictions) if predictions.is_file() else "",
+                    "predictions": str(predictions) if predictions else "",
                     "data_fingerprint": group["data_fingerprint"],
                     "git_commit": group["git_commit"],
                     "noisynn": group["versions"]["noisynn"],

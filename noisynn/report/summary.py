@@ -21,6 +21,7 @@ import pandas as pd
 from noisynn.errors import UserError
 from noisynn.io.atomic import atomic_write_json, atomic_write_text
 from noisynn.io.guards import check_not_an_input, check_output_folder
+from noisynn.io.provenance import file_sha256
 from noisynn.report import results, stats, tables
 from noisynn.report.plots import FIGURES, write_figure
 from noisynn.report.results import NO_DATA, Results, Setting, load_evaluations, load_sweeps
@@ -78,10 +79,6 @@ def make_report(evaluations_csv: Path, sweeps_csv: Path | None, paper_csv: Path 
     atomic_write_json(out_dir / "metrics.json", headline_metrics(r))
 
 
-def _sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _unique(df: pd.DataFrame, column: str) -> str:
     vals = sorted({str(v) for v in df[column] if str(v) != ""})
     return ", ".join(f"`{v}`" for v in vals) if vals else "(none recorded)"
@@ -93,9 +90,9 @@ def _md(table: pd.DataFrame) -> str:
 
 def _provenance(r: Results, inputs: dict) -> list[str]:
     df = r.df
-    files = [f"- {what}: `{p}` (sha256 `{_sha256(p)}`)" for what, p in inputs.items() if p is not None]
+    files = [f"- {what}: `{p}` (sha256 `{file_sha256(p)}`)" for what, p in inputs.items() if p is not None]
     predictions = sorted({p for p in df["predictions"] if p})
-    combined = hashlib.sha256("".join(f"{p}\0{_sha256(p)}\n" for p in predictions).encode()).hexdigest()
+    combined = hashlib.sha256("".join(f"{p}\0{file_sha256(p)}\n" for p in predictions).encode()).hexdigest()
     return [
         *files,
         f"- evaluations: {len(df)} rows from {df['evaluation'].nunique()} evaluation groups; per-image predictions "

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from noisynn import noise, vocab
+from noisynn.vocab import released_metric
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
 
@@ -60,3 +62,27 @@ def test_noise_tokens_name_each_detach_and_neighbour_apart():
     base = {"kind": "linear-shift", "alpha": 0.3, "axis": "batch"}
     tokens = {vocab.noise_token({**base, "neighbour": n, "detach": d}) for n in vocab.NEIGHBOURS for d in vocab.DETACH}
     assert len(tokens) == len(vocab.NEIGHBOURS) * len(vocab.DETACH)
+
+
+def test_released_metric_is_the_mean_of_running_accuracies():
+    correct = [3, 1, 2]
+    sizes = [4, 4, 2]
+    # running accuracy after each batch: 3/4 = 0.75, (3+1)/(4+4) = 0.5, (3+1+2)/(4+4+2) = 0.6
+    expected = (0.75 + 0.5 + 0.6) / 3  # = 0.61666…
+    plain = (3 + 1 + 2) / (4 + 4 + 2)  # = 0.6
+    assert released_metric(correct, sizes) == pytest.approx(expected, abs=1e-12)
+    assert released_metric(correct, sizes) != pytest.approx(plain, abs=1e-6)
+
+
+def test_released_metric_rewards_early_correct_batches():
+    # the same 10 correct out of 20, first in one order, then in the other: the plain accuracy is
+    # 0.5 both times, the released metric is not: (1 + 0.5) / 2 = 0.75 against (0 + 0.5) / 2 = 0.25
+    assert released_metric([10, 0], [10, 10]) == pytest.approx(0.75)
+    assert released_metric([0, 10], [10, 10]) == pytest.approx(0.25)
+
+
+def test_released_metric_refuses_mismatched_inputs():
+    with pytest.raises(ValueError):
+        released_metric([1, 2], [10])
+    with pytest.raises(ValueError):
+        released_metric([], [])

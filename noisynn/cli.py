@@ -150,10 +150,13 @@ def _add_report(sub) -> None:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="does a regeneration agree with a reference? (same seeds: within the "
-                       "floating-point drift; other seeds: within both intervals; paired where predictions exist)")
+    p = sub.add_parser("compare", help="does a regeneration agree with a reference? (within both intervals; with "
+                       "--same-machine, the same seeds within the floating-point drift, paired where predictions exist)")
     p.add_argument("reference", type=Path, help="a results folder or its tables/cells.csv")
     p.add_argument("new", type=Path, help="a results folder or its tables/cells.csv")
+    p.add_argument("--same-machine", action="store_true",
+                   help="the new results were made on the reference's machine: the same seeds must repeat the "
+                        "computation (within 1 point) and per-image predictions are compared pair by pair")
 
 
 def _add_entropy(sub) -> None:
@@ -398,7 +401,7 @@ def _report(args) -> int:
 def _compare(args) -> int:
     from noisynn.report.compare import main as compare_main
 
-    return compare_main(args.reference, args.new)
+    return compare_main(args.reference, args.new, same_machine=args.same_machine)
 
 
 def _entropy(args) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,15 +67,17 @@ def cli_env() -> dict:
 def pytest_collection_modifyitems(config, items):
     """Under `--dist loadgroup`, one worker per test module (its module-scoped fixtures are made
     once) and one worker for both SLURM modules (they must not start the cluster side by side).
-    The modules with end-to-end tests go first (`--no-loadscope-reorder` keeps this order), so that
-    none of their minutes-long runs is left alone on one worker at the end."""
+    The longest go first (`--no-loadscope-reorder` keeps this order), so that no minutes-long module
+    is left alone on one worker at the end: the SLURM ones (a cluster to start, jobs that queue),
+    then the modules by their number of end-to-end tests."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else module_of(item)
         item.add_marker(pytest.mark.xdist_group(group))
-    slow = {module_of(item) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: module_of(item) not in slow)  # stable: each module's order is kept
+    slow = Counter(module_of(item) for item in items if item.get_closest_marker("slow"))
+    # stable: each module's own order is kept
+    items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, -slow[module_of(item)]))
 
 
 def module_of(item) -> str:

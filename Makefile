@@ -45,7 +45,7 @@ report: $(STAMP)
 
 # pytest-xdist, one worker per core; tests/conftest.py keeps each test module on one worker and
 # makes the shared trained models once for all workers.
-PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --dist loadgroup --no-loadscope-reorder
+PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --no-loadscope-reorder
 
 # The whole suite, slow end-to-end and SLURM tests included (this is what CI runs), after the linters.
 test: $(STAMP) lint

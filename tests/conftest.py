@@ -5,7 +5,7 @@ per session (on CPU, seconds each) and every test that needs a trained model reu
 accuracy tests read them, the resume tests fine-tune them for a few epochs, the evaluation and CLI
 tests evaluate them. Tests must not write into the fixtures' folders; they copy what they change.
 
-Under pytest-xdist (`make test` runs `pytest -n auto --dist loadgroup ...`) the workers share these
+Under pytest-xdist (`make test` runs `pytest -n auto --no-loadscope-reorder`) the workers share these
 folders too (the first worker to ask makes one, the others wait for it), and each test module runs
 on one worker, so a module's own fixtures are also made once; the SLURM modules share one worker,
 since each starts and stops the one cluster of this machine.
@@ -63,18 +63,27 @@ def cli_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, called only where it runs
+def pytest_xdist_make_scheduler(config, log):
+    """One worker per test module (its module-scoped fixtures are made once) and one worker for both
+    SLURM modules, tests/test_slurm_*.py (they must not start and stop the cluster side by side).
+    xdist's `--dist loadgroup` would do this with marks, but it cannot regroup pytest 9's node ids."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm" if Path(module).name.startswith("test_slurm_") else module
+
+    return ByModule(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under `--dist loadgroup`, one worker per test module (its module-scoped fixtures are made
-    once) and one worker for both SLURM modules (they must not start the cluster side by side).
-    The longest go first (`--no-loadscope-reorder` keeps this order), so that no minutes-long module
-    is left alone on one worker at the end: the SLURM ones (a cluster to start, jobs that queue),
-    then the modules by their number of end-to-end tests."""
-    if not config.pluginmanager.hasplugin("xdist"):
+    """Under xdist the longest modules go first (`--no-loadscope-reorder` keeps this order), so that
+    no minutes-long module is left alone on one worker at the end: the SLURM ones (a cluster to
+    start, jobs that queue), then the modules by their number of end-to-end tests."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
         return
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else module_of(item)
-        item.add_marker(pytest.mark.xdist_group(group))
     slow = Counter(module_of(item) for item in items if item.get_closest_marker("slow"))
     # stable: each module's own order is kept
     items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, -slow[module_of(item)]))

@@ -176,7 +176,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     """
     from noisynn.inject import cache_bytes_per_value
     from noisynn.models import data_kwargs, meta_model
-    from noisynn.pipeline.config import dataset_geometry
+    from noisynn.pipeline.datasets import dataset_geometry
 
     grid = Grid(config)
     num_classes = len(np.unique(labels))

@@ -3,6 +3,8 @@ the config check applies the rule before any job starts, and the training again 
 
 from __future__ import annotations
 
+from noisynn.vocab import LINEAR_NOISE_KINDS
+
 
 def processes(resources: dict) -> int:
     """The processes a training job runs under torchrun: its GPUs, else its CPU processes, else one."""
@@ -11,9 +13,11 @@ def processes(resources: dict) -> int:
 
 def mixes_batch(noise: dict) -> bool:
     """Whether a noise makes a sample's output depend on the other samples of its batch: a linear
-    noise on the batch axis (k = the batch it sees), or impulse noise (its max and min are the batch's)."""
+    noise on the batch axis (k = the batch it sees), or impulse noise (its max and min are the batch's).
+    ``axis`` is one axis, or the list of a config's noise entry (mixing if any of them is the batch)."""
     kind, axis = noise.get("kind"), noise.get("axis")
-    return kind == "impulse" or (str(kind).startswith("linear") and (axis == "batch" or "batch" in (axis or [])))
+    axes = axis if isinstance(axis, list) else [axis]
+    return kind == "impulse" or (kind in LINEAR_NOISE_KINDS and "batch" in axes)
 
 
 def noise_batch_problem(batch_size: int, noise_batch: int | None, world: int) -> str | None:

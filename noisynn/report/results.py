@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from noisynn.errors import UserError
+from noisynn.noise_batch import mixes_batch
 from noisynn.report import stats
 from noisynn.report.aggregate import COLUMNS, KEY, SWEEP_COLUMNS
 from noisynn.vocab import (
@@ -153,7 +154,8 @@ class Setting:
                                                       site=self.site, **more).items())
 
     def mixes_batch(self, noise_applied: bool) -> bool:
-        return bool(noise_applied) and (self.kind == "impulse" or (self.kind in LINEAR_NOISE_KINDS and self.axis == "batch"))
+        """Whether the setting's noise, when applied, makes a prediction depend on the rest of its test batch."""
+        return bool(noise_applied) and mixes_batch({"kind": self.kind, "axis": self.axis})
 
 
 # a paired change of top-1: its interval, its sign-flip test, and whether it is zero by construction (untested)

@@ -9,35 +9,47 @@ from torch import nn
 
 from noisynn.errors import UserError
 
-# what a forward pass raises when a model's own code cannot handle its configuration or input (a
-# meta device's missing kernels raise NotImplementedError, or a RuntimeError naming the meta device,
-# and prove nothing)
+# what a forward pass raises when a model's own code cannot handle its configuration or input
 _CONFIG_FAILURES = (AttributeError, TypeError, ValueError, AssertionError, IndexError, KeyError, ZeroDivisionError)
-# what an op without a meta kernel raises: nothing is proven then, the real forward checks it
-_NO_META_KERNEL = (NotImplementedError, RuntimeError)
+
+
+def meta_cannot_run(error: BaseException) -> bool:
+    """Whether ``error`` says only that the meta device cannot run an op (no meta kernel, a value read
+    out of a meta tensor, a tensor of another device met): nothing is proven then, the real forward
+    checks it. Torch names the meta device in each such message (a ``NotImplementedError`` is a
+    ``RuntimeError``); any other error, a shape bug of the model or a bug of ours, is not this."""
+    return isinstance(error, RuntimeError) and "meta" in str(error).lower()
+
+
+def _meta_forward(run, input_shape: tuple[int, ...], what: str):
+    """``run`` on a meta batch of ``input_shape``: its result, None where the meta device cannot run
+    it, and a ``UserError`` naming ``what`` where the model's own code fails on such a batch."""
+    try:
+        with torch.no_grad():
+            return run(torch.empty(*input_shape, device="meta"))
+    except UserError:
+        raise
+    except (*_CONFIG_FAILURES, RuntimeError) as e:
+        if meta_cannot_run(e):
+            return None
+        # a shape the model's ops cannot take (a kernel larger than the image, mismatched matrices) is a
+        # RuntimeError on the meta device as on a real one
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{what} cannot run on a batch of shape {tuple(input_shape)} "
+                        f"({type(e).__name__}: {detail}); check its kwargs and the data's image size.") from None
+
+
+def _require_meta(model: nn.Module, check: str) -> None:
+    if next(iter(model.parameters()), torch.empty(0)).device.type != "meta":
+        raise ValueError(f"{check} needs a meta-device model (see meta_model)")
 
 
 def check_forward(model: nn.Module, input_shape: tuple[int, ...], what: str) -> None:
     """Refuse a model whose forward pass fails on a batch of ``input_shape`` (a meta-device model,
     so nothing is computed): kwargs that timm accepts but that build a model that cannot run,
     such as fewer ResNet ``layers`` than stages."""
-    if next(iter(model.parameters()), torch.empty(0)).device.type != "meta":
-        raise ValueError("check_forward needs a meta-device model (see meta_model)")
-    try:
-        with torch.no_grad():
-            model(torch.empty(*input_shape, device="meta"))
-    except UserError:
-        raise
-    except (*_CONFIG_FAILURES, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "meta" in str(e).lower():
-            return  # an op the meta device cannot run (a value read out of a meta tensor): the real forward checks it
-        # a shape the model's ops cannot take (a kernel larger than the image, mismatched matrices) is a
-        # RuntimeError on the meta device as on a real one
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{what} cannot run on a batch of shape {tuple(input_shape)} "
-                        f"({type(e).__name__}: {detail}); check its kwargs and the data's image size.") from None
-    except NotImplementedError:  # an op without a meta kernel: the real forward checks it
-        return
+    _require_meta(model, "check_forward")
+    _meta_forward(model, input_shape, what)
 
 
 def check_noises_act(model: nn.Module, site: str, specs, input_shape: tuple[int, ...], what: str) -> None:
@@ -55,17 +67,12 @@ def check_noises_act(model: nn.Module, site: str, specs, input_shape: tuple[int,
     specs = [sp for sp in specs if sp.kind.startswith("linear")]
     if not specs:
         return
-    if next(iter(model.parameters()), torch.empty(0)).device.type != "meta":
-        raise ValueError("check_noises_act needs a meta-device model (see meta_model)")
+    _require_meta(model, "check_noises_act")
     # one forward up to the site, whose input each noise's hook then checks (a noise keeps the shape,
     # so what follows the site cannot fail because of it)
-    try:
-        with torch.no_grad():
-            reached = site_input(model, site, torch.empty(*input_shape, device="meta"))
-    except _NO_META_KERNEL:  # the real forward checks it
-        return
+    reached = _meta_forward(lambda images: site_input(model, site, images), input_shape, what)
     if reached is None:
-        return  # the forward never reached the site: the real forward's hook will say so
+        return  # the meta device cannot run the forward, or it never reached the site: the real forward's hook will say so
     module, args = reached
     for spec in specs:
         injection = inject(model, site, spec, at_train=True, at_eval=True)
@@ -73,11 +80,12 @@ def check_noises_act(model: nn.Module, site: str, specs, input_shape: tuple[int,
             injection.apply(module, args)
         except UserError as e:
             raise UserError(f"{what}: noise {spec.kind} on axis {spec.axis}: {e}") from None
-        except _NO_META_KERNEL:  # this noise is left to the real forward; the others are still checked
-            continue
+        except RuntimeError as e:
+            if not meta_cannot_run(e):
+                raise
+            # this noise is left to the real forward; the others are still checked
         finally:
             injection.remove()
-
 
 
 def check_model_fits_data(model: nn.Module, what: str, data_dir, num_classes: int, in_chans: int, image_size: int) -> None:

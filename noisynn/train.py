@@ -40,19 +40,11 @@ from noisynn.io.atomic import atomic_write_text, remove_stale_temp_files
 from noisynn.io.guards import check_not_an_input, check_output_folder
 from noisynn.io.locks import run_lock
 from noisynn.io.provenance import provenance
-from noisynn.models import (
-    adapt_to_data,
-    build_model,
-    check_forward,
-    check_model_config,
-    check_model_fits_data,
-    check_noises_act,
-    load_checkpoint,
-    meta_model,
-    read_sidecar,
-    save_checkpoint,
-    sidecar_path,
-)
+from noisynn.models.build import build_model, check_model_config, meta_model
+from noisynn.models.checkpoints import load_checkpoint, read_sidecar, save_checkpoint
+from noisynn.models.checks import check_forward, check_model_fits_data, check_noises_act
+from noisynn.models.transfer import adapt_to_data
+from noisynn.models.weights import sidecar_path
 from noisynn.noise import NoiseSpec
 from noisynn.noise_batch import mixes_batch, noise_batch_problem
 from noisynn.orders import forward_calls

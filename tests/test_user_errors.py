@@ -557,7 +557,8 @@ def test_config_check_is_cached_and_runs_torch_in_a_subprocess(tmp_path, monkeyp
 def test_checkpoint_is_readable_by_the_group(tmp_path):
     import torch
 
-    from noisynn.models import build_model, save_checkpoint
+    from noisynn.models.build import build_model
+    from noisynn.models.checkpoints import save_checkpoint
 
     old = os.umask(0o022)
     try:
@@ -819,7 +820,7 @@ def test_evaluate_a_noise_without_a_site_as_finetune_does(resnet_run, digits_dir
 def test_config_pretrained_weights_with_a_nan(tmp_path):
     from safetensors.torch import save_file
 
-    from noisynn.models import build_model
+    from noisynn.models.build import build_model
 
     cfg = tiny_config()
     model = build_model({k: cfg["models"]["resnet"][k] for k in ("timm_name", "kwargs")}, 10, 1)

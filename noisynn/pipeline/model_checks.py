@@ -74,15 +74,11 @@ def model_checks(config: dict, source: str) -> list[dict]:
 def run_model_checks(checks: list[dict]) -> None:
     """The torch part of ``check_models_and_sites``: each model built on the meta device, once."""
     from noisynn.inject import check_site
-    from noisynn.models import (
-        _classifier_keys,
-        check_forward,
-        check_model_fits_data,
-        check_weights_finite,
-        data_kwargs,
-        meta_model,
-        refuse_unfit_weights,
-    )
+    from noisynn.models.build import meta_model
+    from noisynn.models.checks import check_forward, check_model_fits_data, check_noises_act
+    from noisynn.models.pretrained import classifier_keys, refuse_unfit_weights
+    from noisynn.models.transfer import data_kwargs
+    from noisynn.models.weights import check_weights_finite
     from noisynn.noise import NoiseSpec
 
     for c in checks:
@@ -119,18 +115,16 @@ def run_model_checks(checks: list[dict]) -> None:
             except UserError as e:
                 raise UserError(f"{where}.pretrained: {e}") from None
             own = model.state_dict()
-            head = sorted(k for k in _classifier_keys(model) if tuple(shapes.get(k, ())) != tuple(own[k].shape))
+            head = sorted(k for k in classifier_keys(model) if tuple(shapes.get(k, ())) != tuple(own[k].shape))
             if head and not c["new_head_allowed"]:
                 raise UserError(f"{where}.pretrained: weights {c['pretrained']} have no classifier for the "
                                 f"{start['num_classes']} classes of {start['name']!r} (tensor {head[0]}), and finetune "
                                 "is null, so nothing would train one.")
         data = c["data"]
         if c["transfer"]:
-            # the fine-tuning adapts the model to the dataset (noisynn.models.adapt_to_data)
+            # the fine-tuning adapts the model to the dataset (noisynn.models.transfer.adapt_to_data)
             kwargs = data_kwargs(model_cfg, model, data["num_classes"], data["in_chans"], data["image_size"])
             model = meta_model({**model_cfg, "kwargs": kwargs}, data["num_classes"], data["in_chans"])
-        from noisynn.models import check_noises_act
-
         shape = (c["batch_size"], data["in_chans"], data["image_size"], data["image_size"])
         for key, site, noise in c["noises"]:
             try:

@@ -31,7 +31,8 @@ from conftest import RESNET_MODEL, cli_env, write_image_folder
 
 from noisynn.cli import main
 from noisynn.errors import UserError
-from noisynn.pipeline.config import check_models_and_sites, validate_config
+from noisynn.pipeline.config import validate_config
+from noisynn.pipeline.model_checks import check_models_and_sites
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_EPOCH = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 0}

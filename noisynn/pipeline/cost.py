@@ -177,7 +177,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     from noisynn.inject import cache_bytes_per_value
     from noisynn.models.build import meta_model
     from noisynn.models.transfer import data_kwargs
-    from noisynn.pipeline.config import dataset_geometry
+    from noisynn.pipeline.datasets import dataset_geometry
 
     grid = Grid(config)
     num_classes = len(np.unique(labels))

@@ -32,7 +32,9 @@ import torch
 from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import cache_point, check_site, forward_prefix, forward_suffix, inject, joined_batches
+from noisynn.inject.hook import inject, joined_batches
+from noisynn.inject.sites import check_site
+from noisynn.inject.split import cache_point, forward_prefix, forward_suffix
 from noisynn.io.provenance import provenance
 from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
 from noisynn.noise import NoiseSpec
@@ -139,7 +141,7 @@ class _Runner:
     """Runs test batches through the suffix (from the cache) or the whole network, and counts images.
 
     Consecutive test batches share a forward call, up to ``forward_batch_size`` images (a larger
-    batch runs alone): the noise still acts on each test batch alone (``inject.joined_batches``),
+    batch runs alone): the noise still acts on each test batch alone (``inject.hook.joined_batches``),
     and the Python cost of a forward call is paid once per chunk instead of once per test batch.
     """
 

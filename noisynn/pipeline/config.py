@@ -405,8 +405,9 @@ def _code_digest() -> str:
 
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    names = ("models.py", "inject.py", "noise.py", "vocab.py")
-    files = [package / "pipeline" / "config.py", *(package / name for name in names), *sorted((package / "io").glob("*.py"))]
+    names = ("models.py", "noise.py", "vocab.py")
+    files = [package / "pipeline" / "config.py", *(package / name for name in names),
+             *(path for sub in ("inject", "io") for path in sorted((package / sub).glob("*.py")))]
     for path in files:
         digest.update(path.read_bytes())
     for dist in ("torch", "timm"):
@@ -461,7 +462,7 @@ def model_checks(config: dict, source: str) -> list[dict]:
 
 def run_model_checks(checks: list[dict]) -> None:
     """The torch part of ``check_models_and_sites``: each model built on the meta device, once."""
-    from noisynn.inject import check_site
+    from noisynn.inject.sites import check_site
     from noisynn.models import (
         _classifier_keys,
         check_forward,

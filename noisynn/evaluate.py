@@ -161,7 +161,7 @@ class _Runner:
             source = self.test.batches(joined, self.num_workers)
         for chunk, idx, (x, _) in zip(chunks, joined, source):
             x = x.to(self.device, non_blocking=True)
-            with joined_batches([len(b) for b in chunk]), self.autocast():
+            with joined_batches(self.model, [len(b) for b in chunk]), self.autocast():
                 out = forward_suffix(self.model, self.site, x) if self.cache is not None else self.model(x)
             self.images += len(idx)
             yield chunk, idx, out.float().cpu()

@@ -207,7 +207,7 @@ def correct_per_image(model, split, batches: list[np.ndarray], device, num_worke
     hits = np.zeros(len(split), dtype=bool)
     calls = forward_calls(batches, 256)
     for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
-        with joined_batches([len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with joined_batches(model, [len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x.to(device, non_blocking=True))
         hits[np.concatenate(call)] = (logits.argmax(-1).cpu() == y).numpy()
     return hits

@@ -127,7 +127,7 @@ class Injection:
         # nhwc is the one layout the operators cannot tell from the rank
         extra = {"layout": "nhwc"} if layout == "nhwc" else {}
         parts = [x]
-        sizes = _SEGMENTS
+        sizes = self.model.__dict__.get(_JOINED)
         if sizes is not None:
             # several test batches in one forward call: the noise acts on each alone, in order
             images = sum(sizes)
@@ -160,26 +160,30 @@ class Injection:
         self.remove()
 
 
-_SEGMENTS: list[int] | None = None  # the test batches of the forward call under way, if joined
+_JOINED = "_noisynn_joined_batches"  # set on a model inside joined_batches: the sizes of its test batches
 
 
 @contextlib.contextmanager
-def joined_batches(sizes: list[int]):
-    """Run several test batches in one forward call, each noised on its own.
+def joined_batches(model: nn.Module, sizes: list[int]):
+    """Run several test batches in one forward call of ``model``, each noised on its own.
 
-    Inside the block, the batch of every forward call is the concatenation of test batches of these
-    sizes (in images; a Swin attention input has several rows per image): every Injection cuts its
-    input at the boundaries, applies the noise to each part in order (the random stream advances as
-    it would batch after batch) and joins the parts again. In eval mode the rest of the network
-    treats each image alone, so the logits are those of batch-by-batch forwards up to float rounding,
-    which depends on the number of rows of a matrix product (a few 1e-7 on CPU).
+    Inside the block, the batch of every forward call of ``model`` is the concatenation of test
+    batches of these sizes (in images; a Swin attention input has several rows per image): every
+    Injection into it cuts its input at the boundaries, applies the noise to each part in order (the
+    random stream advances as it would batch after batch) and joins the parts again. In eval mode
+    the rest of the network treats each image alone, so the logits are those of batch-by-batch
+    forwards up to float rounding, which depends on the number of rows of a matrix product (a few
+    1e-7 on CPU).
     """
-    global _SEGMENTS
-    outer, _SEGMENTS = _SEGMENTS, [int(n) for n in sizes]
+    outer = model.__dict__.get(_JOINED)
+    model.__dict__[_JOINED] = [int(n) for n in sizes]
     try:
         yield
     finally:
-        _SEGMENTS = outer
+        if outer is None:
+            del model.__dict__[_JOINED]
+        else:
+            model.__dict__[_JOINED] = outer
 
 
 def inject(

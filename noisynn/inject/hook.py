@@ -147,7 +147,7 @@ class Injection:
 
     def apply(self, module: nn.Module, args: tuple) -> tuple | None:
         """The site module's arguments with the noise applied, its checks run (None when inactive):
-        what the hook does in a forward pass, for arguments obtained otherwise (``site_input``)."""
+        what the hook does in a forward pass, for arguments obtained otherwise (``split.site_input``)."""
         return self._hook(module, args)
 
     def remove(self) -> None:

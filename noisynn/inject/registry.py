@@ -61,7 +61,7 @@ _NAMED: dict[str, Family] = {}  # the families with named sites, asked in regist
 _FALLBACK: list[Family] = []  # the family of any other timm model, asked last
 
 
-def register(family: Family, fallback: bool = False) -> Family:
+def register(family: Family, fallback: bool = False) -> None:
     """Add ``family`` (``fallback``: the one asked when no other recognises a model)."""
     if family.name in _NAMED or any(f.name == family.name for f in _FALLBACK):
         raise ValueError(f"a model family named {family.name!r} is registered already")
@@ -71,7 +71,6 @@ def register(family: Family, fallback: bool = False) -> Family:
         _FALLBACK.append(family)
     else:
         _NAMED[family.name] = family
-    return family
 
 
 def families() -> list[Family]:

@@ -262,7 +262,7 @@ def _train(args) -> int:
     from noisynn.train import EXIT_INTERRUPTED, TrainConfig, train
 
     if args.command == "pretrain":
-        from noisynn.models import check_model_config
+        from noisynn.models.build import check_model_config
 
         check_model_config(args.model, "--model", strict=True)
     cfg = TrainConfig.from_section(
@@ -291,7 +291,8 @@ def _train(args) -> int:
 def _import_weights(args) -> int:
     from noisynn.io.atomic import remove_stale_temp_files
     from noisynn.io.guards import check_not_an_input, check_output_folder
-    from noisynn.models import check_model_config, import_weights
+    from noisynn.models.build import check_model_config
+    from noisynn.models.import_weights import import_weights
 
     check_model_config(args.model, "--model", strict=True)
     check_output_folder(args.out, "import-weights --out")
@@ -311,7 +312,7 @@ def _evaluate(args) -> int:
     from noisynn.io.atomic import atomic_path, atomic_write_json, remove_stale_temp_files
     from noisynn.io.guards import check_not_an_input, check_output_file
     from noisynn.io.provenance import file_sha256
-    from noisynn.models import sidecar_path
+    from noisynn.models.weights import sidecar_path
 
     if args.settings is not None and args.noise is not None:
         raise UserError("evaluate takes --noise (one setting) or --settings (several), not both.")
@@ -423,7 +424,7 @@ def _entropy(args) -> int:
 
 def _sites(args) -> int:
     from noisynn.inject.sites import valid_sites
-    from noisynn.models import check_model_config, meta_model
+    from noisynn.models.build import check_model_config, meta_model
 
     check_model_config(args.model, "--model", strict=True)
     kwargs = args.model.get("kwargs") or {}
@@ -449,7 +450,8 @@ def _cost(args) -> int:
 def _probe(args) -> int:
     from noisynn.inject.hook import inject
     from noisynn.inject.sites import example_input
-    from noisynn.models import build_model, check_model_config, load_checkpoint
+    from noisynn.models.build import build_model, check_model_config
+    from noisynn.models.checkpoints import load_checkpoint
     from noisynn.noise import NoiseSpec
     from noisynn.probe import probe
 

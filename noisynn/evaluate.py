@@ -36,7 +36,9 @@ from noisynn.inject.hook import inject, joined_batches
 from noisynn.inject.sites import check_site
 from noisynn.inject.split import cache_point, forward_prefix, forward_suffix
 from noisynn.io.provenance import provenance
-from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
+from noisynn.models.build import meta_model
+from noisynn.models.checkpoints import load_checkpoint
+from noisynn.models.checks import check_model_fits_data, check_noises_act
 from noisynn.noise import NoiseSpec
 from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, batches_in_order, forward_calls, purity_batches
 from noisynn.vocab import (
@@ -298,7 +300,7 @@ def evaluate_group(
     Everything a user can get wrong is refused before the prefix pass: the settings, the
     checkpoint and the data (each checked as it is read), data other than the checkpoint's (its
     fingerprint; ``allow_other_data`` accepts it and records ``other_data: true``), and a noise that
-    the site makes the identity (a dry forward on the meta device, ``models.check_noises_act``).
+    the site makes the identity (a dry forward on the meta device, ``models.checks.check_noises_act``).
     """
     protocols = tuple(protocols)
     if not protocols:

@@ -13,7 +13,7 @@ import torch
 from noisynn.data import load_dataset
 from noisynn.distributed import Distributed
 from noisynn.inject.hook import inject
-from noisynn.models import load_checkpoint
+from noisynn.models.checkpoints import load_checkpoint
 from noisynn.noise import NoiseSpec
 from noisynn.train import validate
 

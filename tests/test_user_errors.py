@@ -31,7 +31,8 @@ from conftest import RESNET_MODEL, cli_env, write_image_folder
 
 from noisynn.cli import main
 from noisynn.errors import UserError
-from noisynn.pipeline.config import check_models_and_sites, validate_config
+from noisynn.pipeline.config import validate_config
+from noisynn.pipeline.model_checks import check_models_and_sites
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_EPOCH = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 0}
@@ -556,7 +557,8 @@ def test_config_check_is_cached_and_runs_torch_in_a_subprocess(tmp_path, monkeyp
 def test_checkpoint_is_readable_by_the_group(tmp_path):
     import torch
 
-    from noisynn.models import build_model, save_checkpoint
+    from noisynn.models.build import build_model
+    from noisynn.models.checkpoints import save_checkpoint
 
     old = os.umask(0o022)
     try:
@@ -818,7 +820,7 @@ def test_evaluate_a_noise_without_a_site_as_finetune_does(resnet_run, digits_dir
 def test_config_pretrained_weights_with_a_nan(tmp_path):
     from safetensors.torch import save_file
 
-    from noisynn.models import build_model
+    from noisynn.models.build import build_model
 
     cfg = tiny_config()
     model = build_model({k: cfg["models"]["resnet"][k] for k in ("timm_name", "kwargs")}, 10, 1)

@@ -221,6 +221,11 @@ def summary_code() -> dict[str, str]:
     return code
 
 
+def modules_digest(*modules: str) -> str:
+    """The digest of ``modules`` and every noisynn module they import, followed transitively."""
+    return _digest({m: _module_dump(m) for m in sorted(_closure(set(modules)))})
+
+
 def _digest(code: dict[str, str]) -> str:
     h = hashlib.sha256()
     for name, dump in sorted(code.items()):

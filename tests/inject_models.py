@@ -1,5 +1,5 @@
-"""Small timm models and inputs shared by the tests of noisynn/inject/ (test_hook, test_sites,
-test_split, test_families).
+"""Small timm models and inputs shared by the tests of noisynn/inject/ (test_inject_hook, test_inject_sites,
+test_inject_split, test_inject_families).
 
 Small randomly initialised timm models keep the tests fast: a ViT and a ResNet on 1-channel
 images, and one model of each family's variants shrunk from timm's configurations.

@@ -423,7 +423,7 @@ def _entropy(args) -> int:
 
 
 def _sites(args) -> int:
-    from noisynn.inject import valid_sites
+    from noisynn.inject.sites import valid_sites
     from noisynn.models.build import check_model_config, meta_model
 
     check_model_config(args.model, "--model", strict=True)
@@ -448,7 +448,8 @@ def _cost(args) -> int:
 
 
 def _probe(args) -> int:
-    from noisynn.inject import _example_input, inject
+    from noisynn.inject.hook import inject
+    from noisynn.inject.sites import example_input
     from noisynn.models.build import build_model, check_model_config
     from noisynn.models.checkpoints import load_checkpoint
     from noisynn.noise import NoiseSpec
@@ -469,7 +470,7 @@ def _probe(args) -> int:
     handles = []
     if args.noise is not None:
         handles.append(inject(model, args.site, NoiseSpec.from_dict(args.noise), at_train=True, at_eval=True))
-    result = probe(model.eval(), tuple(_example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
+    result = probe(model.eval(), tuple(example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
     print(result.sentence())
     return 0 if result.batch_independent else 1
 

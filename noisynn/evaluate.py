@@ -32,7 +32,9 @@ import torch
 from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import cache_point, check_site, forward_prefix, forward_suffix, inject, joined_batches
+from noisynn.inject.hook import inject, joined_batches
+from noisynn.inject.sites import check_site
+from noisynn.inject.split import cache_point, forward_prefix, forward_suffix
 from noisynn.io.provenance import provenance
 from noisynn.models.build import meta_model
 from noisynn.models.checkpoints import load_checkpoint
@@ -141,7 +143,7 @@ class _Runner:
     """Runs test batches through the suffix (from the cache) or the whole network, and counts images.
 
     Consecutive test batches share a forward call, up to ``forward_batch_size`` images (a larger
-    batch runs alone): the noise still acts on each test batch alone (``inject.joined_batches``),
+    batch runs alone): the noise still acts on each test batch alone (``inject.hook.joined_batches``),
     and the Python cost of a forward call is paid once per chunk instead of once per test batch.
     """
 
@@ -161,7 +163,7 @@ class _Runner:
             source = self.test.batches(joined, self.num_workers)
         for chunk, idx, (x, _) in zip(chunks, joined, source):
             x = x.to(self.device, non_blocking=True)
-            with joined_batches([len(b) for b in chunk]), self.autocast():
+            with joined_batches(self.model, [len(b) for b in chunk]), self.autocast():
                 out = forward_suffix(self.model, self.site, x) if self.cache is not None else self.model(x)
             self.images += len(idx)
             yield chunk, idx, out.float().cpu()

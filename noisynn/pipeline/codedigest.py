@@ -110,7 +110,9 @@ def _imports(node: ast.AST) -> set[str]:
             elif _is_module(n.module):
                 found.add(n.module)
                 found |= {f"{n.module}.{a.name}" for a in n.names if _is_module(f"{n.module}.{a.name}")}
-    return found
+    # importing a module runs its packages' __init__ first (noisynn.inject's registers the model families)
+    parts = [name.split(".") for name in found]
+    return found | {".".join(p[:i]) for p in parts for i in range(2, len(p)) if _is_module(".".join(p[:i]))}
 
 
 @lru_cache(maxsize=None)

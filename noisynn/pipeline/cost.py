@@ -90,7 +90,7 @@ def measure_split(model, site: str, in_chans: int, image_size: int) -> Split:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from noisynn.inject import cache_point, forward_prefix
+    from noisynn.inject.split import cache_point, forward_prefix
 
     x = torch.empty(1, in_chans, image_size, image_size, device="meta")
     point = cache_point(model, site)
@@ -174,7 +174,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     (vit, resnet, …) nearest in FLOPs, scaled by the FLOP ratio, and it says so (``throughput_source``).
     A transfer config's models are counted as the evaluation sees them: rebuilt for its data.
     """
-    from noisynn.inject import cache_bytes_per_value
+    from noisynn.inject.split import cache_bytes_per_value
     from noisynn.models.build import meta_model
     from noisynn.models.transfer import data_kwargs
     from noisynn.pipeline.datasets import dataset_geometry

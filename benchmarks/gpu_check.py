@@ -99,7 +99,8 @@ def _image_folder(root: Path, classes: int, per_class: int, train_per_class: int
 def _checkpoint(out: Path, model_cfg: dict, data: Path) -> Path:
     """Random weights of ``model_cfg`` as a checkpoint of the prepared folder (``stage: imported``)."""
     from noisynn.io.provenance import provenance
-    from noisynn.models import build_model, save_checkpoint
+    from noisynn.models.build import build_model
+    from noisynn.models.checkpoints import save_checkpoint
 
     manifest = json.loads((data / "manifest.json").read_text())
     with torch.random.fork_rng(devices=[]):
@@ -143,7 +144,7 @@ def _bare_loop(model_cfg: dict, data: Path, device: torch.device, passes: int, b
 
 
 def _suffix_share(model_cfg: dict, site: str, size: int) -> float:
-    from noisynn.models import meta_model
+    from noisynn.models.build import meta_model
     from noisynn.pipeline.cost import measure_split
 
     return measure_split(meta_model(model_cfg, 1000, 3), site, 3, size).share

@@ -266,7 +266,7 @@ def _train(args) -> int:
     from noisynn.train import EXIT_INTERRUPTED, TrainConfig, train
 
     if args.command == "pretrain":
-        from noisynn.models import check_model_config
+        from noisynn.models.build import check_model_config
 
         check_model_config(args.model, "--model", strict=True)
     cfg = TrainConfig.from_section(
@@ -295,7 +295,8 @@ def _train(args) -> int:
 def _import_weights(args) -> int:
     from noisynn.io.atomic import remove_stale_temp_files
     from noisynn.io.guards import check_not_an_input, check_output_folder
-    from noisynn.models import check_model_config, import_weights
+    from noisynn.models.build import check_model_config
+    from noisynn.models.import_weights import import_weights
 
     check_model_config(args.model, "--model", strict=True)
     check_output_folder(args.out, "import-weights --out")
@@ -405,7 +406,7 @@ def _write_evaluation(group: dict, result: dict, arrays: dict) -> None:
 def _evaluate(args) -> int:
     from noisynn.evaluate import evaluate_groups
     from noisynn.io.guards import check_not_an_input, check_output_file
-    from noisynn.models import sidecar_path
+    from noisynn.models.weights import sidecar_path
 
     groups = _evaluation_groups(args)
     # the outputs are checked before the evaluation, which can take hours
@@ -478,8 +479,8 @@ def _entropy(args) -> int:
 
 
 def _sites(args) -> int:
-    from noisynn.inject import valid_sites
-    from noisynn.models import check_model_config, meta_model
+    from noisynn.inject.sites import valid_sites
+    from noisynn.models.build import check_model_config, meta_model
 
     check_model_config(args.model, "--model", strict=True)
     kwargs = args.model.get("kwargs") or {}
@@ -503,8 +504,10 @@ def _cost(args) -> int:
 
 
 def _probe(args) -> int:
-    from noisynn.inject import _example_input, inject
-    from noisynn.models import build_model, check_model_config, load_checkpoint
+    from noisynn.inject.hook import inject
+    from noisynn.inject.sites import example_input
+    from noisynn.models.build import build_model, check_model_config
+    from noisynn.models.checkpoints import load_checkpoint
     from noisynn.noise import NoiseSpec
     from noisynn.probe import probe
 
@@ -523,7 +526,7 @@ def _probe(args) -> int:
     handles = []
     if args.noise is not None:
         handles.append(inject(model, args.site, NoiseSpec.from_dict(args.noise), at_train=True, at_eval=True))
-    result = probe(model.eval(), tuple(_example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
+    result = probe(model.eval(), tuple(example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
     print(result.sentence())
     return 0 if result.batch_independent else 1
 

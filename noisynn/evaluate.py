@@ -38,9 +38,13 @@ import torch
 from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import cache_point, check_site, forward_prefix, forward_suffix, inject, joined_batches
+from noisynn.inject.hook import inject, joined_batches
+from noisynn.inject.sites import check_site
+from noisynn.inject.split import cache_point, forward_prefix, forward_suffix
 from noisynn.io.provenance import provenance
-from noisynn.models import check_model_fits_data, check_noises_act, load_checkpoint, meta_model
+from noisynn.models.build import meta_model
+from noisynn.models.checkpoints import load_checkpoint
+from noisynn.models.checks import check_model_fits_data, check_noises_act
 from noisynn.noise import NoiseSpec
 from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, batches_in_order, forward_calls, purity_batches
 from noisynn.vocab import (
@@ -150,7 +154,7 @@ class _Runner:
     """Runs test batches through the suffix (from the cache) or the whole network, and counts images.
 
     Consecutive test batches share a forward call, up to ``forward_batch_size`` images (a larger
-    batch runs alone): the noise still acts on each test batch alone (``inject.joined_batches``),
+    batch runs alone): the noise still acts on each test batch alone (``inject.hook.joined_batches``),
     and the Python cost of a forward call is paid once per chunk instead of once per test batch.
     """
 
@@ -170,7 +174,7 @@ class _Runner:
             source = self.test.batches(joined, self.num_workers)
         for chunk, idx, (x, _) in zip(chunks, joined, source):
             x = x.to(self.device, non_blocking=True)
-            with joined_batches([len(b) for b in chunk]), self.autocast():
+            with joined_batches(self.model, [len(b) for b in chunk]), self.autocast():
                 out = forward_suffix(self.model, self.site, x) if self.cache is not None else self.model(x)
             self.images += len(idx)
             yield chunk, idx, out.float().cpu()
@@ -632,7 +636,7 @@ def evaluate_groups(
     Everything a user can get wrong is refused before the first prefix pass: the settings, the
     checkpoint and the data (each checked as it is read), data other than the checkpoint's (its
     fingerprint; ``allow_other_data`` accepts it and records ``other_data: true``), and a noise that
-    the site makes the identity (a dry forward on the meta device, ``models.check_noises_act``).
+    the site makes the identity (a dry forward on the meta device, ``models.checks.check_noises_act``).
     """
     checked = _check_options(protocols, test_batch_size, reported_metric, num_workers, forward_batch_size, split)
     parsed = [_read_group(g["site"], g["seed"], g["settings"]) for g in groups]

@@ -11,13 +11,13 @@ starting weights, is discarded with a message and training starts over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from noisynn.io.atomic import atomic_path, atomic_write_json
+from noisynn.io.provenance import file_sha256
 
 # settings that may change between an interrupted run and its resumption without changing the result
 RESUME_FREE_KEYS = ("out_dir", "data_dir", "num_workers")
@@ -26,13 +26,7 @@ RESUME_FREE_KEYS = ("out_dir", "data_dir", "num_workers")
 def run_identity(args: dict, init_checkpoint: str | None, data_fingerprint: str, world_size: int) -> dict:
     """What a resume state belongs to: the settings that decide the weights, the data, the start."""
     args = {k: v for k, v in args.items() if k not in RESUME_FREE_KEYS}
-    init = None
-    if init_checkpoint:
-        digest = hashlib.sha256()
-        with open(init_checkpoint, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(chunk)
-        init = digest.hexdigest()
+    init = file_sha256(init_checkpoint) if init_checkpoint else None
     identity = {"args": args, "data_fingerprint": data_fingerprint, "init_sha256": init, "world_size": world_size}
     return json.loads(json.dumps(identity))
 

@@ -35,35 +35,22 @@ from noisynn import resume
 from noisynn.data import load_dataset
 from noisynn.distributed import Distributed
 from noisynn.errors import UserError
-from noisynn.inject import inject, joined_batches
+from noisynn.inject.hook import inject, joined_batches
 from noisynn.io.atomic import atomic_write_text, remove_stale_temp_files
 from noisynn.io.guards import check_not_an_input, check_output_folder
 from noisynn.io.locks import run_lock
 from noisynn.io.provenance import provenance
-from noisynn.models import (
-    adapt_to_data,
-    build_model,
-    check_forward,
-    check_model_config,
-    check_model_fits_data,
-    check_noises_act,
-    load_checkpoint,
-    meta_model,
-    read_sidecar,
-    save_checkpoint,
-    sidecar_path,
-)
+from noisynn.models.build import build_model, check_model_config, meta_model
+from noisynn.models.checkpoints import load_checkpoint, read_sidecar, save_checkpoint
+from noisynn.models.checks import check_forward, check_model_fits_data, check_noises_act
+from noisynn.models.transfer import adapt_to_data
+from noisynn.models.weights import sidecar_path
 from noisynn.noise import NoiseSpec
+from noisynn.noise_batch import mixes_batch, noise_batch_problem
 from noisynn.orders import forward_calls
-from noisynn.pipeline.config import (
-    learning_rate,
-    mixes_batch,
-    noise_batch_problem,
-    training_defaults,
-    training_problem,
-    validate_training_section,
-)
+from noisynn.pipeline.schema import training_defaults, validate_training_section
 from noisynn.resume import identity_difference
+from noisynn.schedule import learning_rate, training_problem
 from noisynn.vocab import APPLY
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the scheduler sees a failure and retries; the retry resumes
@@ -148,7 +135,7 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Linear warm-up from ``warmup_lr``, then cosine to ``min_lr`` (``config.learning_rate``)."""
+    """Linear warm-up from ``warmup_lr``, then cosine to ``min_lr`` (``schedule.learning_rate``)."""
     return learning_rate(epoch, cfg.epochs, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.warmup_lr)
 
 
@@ -159,7 +146,7 @@ def forward_batch(cfg: TrainConfig, world: int) -> int:
     them in passes of ``noise_batch`` (accumulating the gradients) when declared, else at once. A
     noise that mixes the batch must get the k the config declares (by default ``batch_size``),
     whatever the number of processes: a run where it would not is refused
-    (``config.noise_batch_problem``).
+    (``noise_batch.noise_batch_problem``).
     """
     mixing = cfg.apply == "train+eval" and NoiseSpec.from_dict(cfg.noise).kind != "none" and mixes_batch(cfg.noise)
     if mixing or cfg.noise_batch:
@@ -202,12 +189,12 @@ def correct_per_image(model, split, batches: list[np.ndarray], device, num_worke
                       amp: bool = False) -> np.ndarray:
     """Whether each image of a split is classified correctly when cut into ``batches`` (what a noise
     on the batch axis mixes; images in no batch count as wrong); up to 256 images share a forward
-    call, each batch noised alone (``inject.joined_batches``); ``amp``: under bf16 autocast."""
+    call, each batch noised alone (``inject.hook.joined_batches``); ``amp``: under bf16 autocast."""
     model.eval()
     hits = np.zeros(len(split), dtype=bool)
     calls = forward_calls(batches, 256)
     for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
-        with joined_batches([len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with joined_batches(model, [len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x.to(device, non_blocking=True))
         hits[np.concatenate(call)] = (logits.argmax(-1).cpu() == y).numpy()
     return hits
@@ -444,7 +431,7 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None, overwrite: bool
     dry = meta_model(model_cfg, data.num_classes, data.in_chans)
     check_forward(dry, (min(cfg.batch_size, 2), data.in_chans, data.image_size, data.image_size), what)
     if cfg.site:  # named without a noise too: a site the model lacks is a mistake either way
-        from noisynn.inject import check_site
+        from noisynn.inject.sites import check_site
 
         check_site(model, cfg.site)
     if spec.kind != "none":

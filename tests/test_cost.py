@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from noisynn.evaluate import evaluate_group, pass_schedule
-from noisynn.models import meta_model
+from noisynn.models.build import meta_model
 from noisynn.pipeline.config import load_config
 from noisynn.pipeline.cost import estimate, measure_split, read_throughput
 from noisynn.vocab import PROTOCOLS

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from noisynn.pipeline.config import load_config, validate_config
 from noisynn.pipeline.grid import Grid
+from noisynn.pipeline.model_checks import model_checks
 from noisynn.vocab import RELEASED_NOISE, noise_token
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,25 @@ def test_every_evaluation_has_a_distinct_record_and_the_layer_sweep_adds_sites()
         assert swept == set(m["layer_sweep_sites"]) | {m["site"]}
         # only the evaluations at the configured site are the model's default-site ones
         assert all(e.default_site == (e.site in (m["site"], "none")) for e in grid.evaluations if e.model == model)
+
+
+@pytest.mark.parametrize("sweep", [
+    {"kind": "linear-optimal"},
+    {"kind": "linear-shift"},
+    {"kind": "linear-shift", "alpha": 0.5, "axis": "rows", "neighbour": "next", "detach": "partner"},
+    {"kind": "linear-optimal", "axis": "features", "neighbour": "previous", "detach": True},
+])
+def test_the_layer_sweep_evaluates_the_noise_the_config_check_tried_at_each_site(sweep):
+    """A sweep noise the model check tried is the one the sweep's evaluations inject, default
+    alpha, neighbour and detach included: else a noise that is the identity at a site could pass."""
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["layer_sweep"] = sweep
+    config = validate_config(cfg, "tiny.yaml", check_folders=False)
+    grid = Grid(config)
+    evaluated = {(e.model, e.site): grid.noises[e.noise] for e in grid.evaluations if not e.default_site}
+    tried = {(c["name"], site): noise for c in model_checks(config, "tiny.yaml")
+             for key, site, noise in c["noises"] if key == "layer_sweep.axis" and site != config["models"][c["name"]]["site"]}
+    assert evaluated and tried == evaluated
 
 
 def test_groups_share_one_checkpoint_and_one_site_and_cover_every_evaluation_once():

@@ -315,7 +315,7 @@ def test_a_noise_at_a_batchnorm_still_acts_after_the_syncbatchnorm_conversion():
     from conftest import RESNET_MODEL
 
     from noisynn.distributed import Distributed
-    from noisynn.models import build_model
+    from noisynn.models.build import build_model
     from noisynn.noise import NoiseSpec
     from noisynn.train import prepare_model
 

@@ -110,7 +110,9 @@ def _imports(node: ast.AST) -> set[str]:
             elif _is_module(n.module):
                 found.add(n.module)
                 found |= {f"{n.module}.{a.name}" for a in n.names if _is_module(f"{n.module}.{a.name}")}
-    return found
+    # importing a module runs its packages' __init__ first (noisynn.inject's registers the model families)
+    parts = [name.split(".") for name in found]
+    return found | {".".join(p[:i]) for p in parts for i in range(2, len(p)) if _is_module(".".join(p[:i]))}
 
 
 @lru_cache(maxsize=None)
@@ -217,6 +219,11 @@ def summary_code() -> dict[str, str]:
     code = {k: v for k, v in step_code("report").items() if k != PLOTS_MODULE}
     code[f"{PLOTS_MODULE}:FIGURES"] = ",".join(figures())
     return code
+
+
+def modules_digest(*modules: str) -> str:
+    """The digest of ``modules`` and every noisynn module they import, followed transitively."""
+    return _digest({m: _module_dump(m) for m in sorted(_closure(set(modules)))})
 
 
 def _digest(code: dict[str, str]) -> str:

@@ -48,7 +48,7 @@ def measure_split(model, site: str, in_chans: int, image_size: int) -> Split:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from noisynn.inject import cache_point, forward_prefix
+    from noisynn.inject.split import cache_point, forward_prefix
 
     x = torch.empty(1, in_chans, image_size, image_size, device="meta")
     point = cache_point(model, site)
@@ -129,9 +129,10 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     (vit, resnet, …) nearest in FLOPs, scaled by the FLOP ratio, and it says so (``throughput_source``).
     A transfer config's models are counted as the evaluation sees them: rebuilt for its data.
     """
-    from noisynn.inject import cache_bytes_per_value
-    from noisynn.models import data_kwargs, meta_model
-    from noisynn.pipeline.config import dataset_geometry
+    from noisynn.inject.split import cache_bytes_per_value
+    from noisynn.models.build import meta_model
+    from noisynn.models.transfer import data_kwargs
+    from noisynn.pipeline.datasets import dataset_geometry
 
     grid = Grid(config)
     num_classes = len(np.unique(labels))
@@ -163,7 +164,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
         cfg = {k: m[k] for k in ("timm_name", "kwargs") if m.get(k) is not None}
         model = meta_model(cfg, num_classes, in_chans)
         if config.get("pretrain_dataset") is not None and not m.get("skip_pretrain"):
-            # the fine-tuning rebuilds the model for the evaluation's data (models.adapt_to_data)
+            # the fine-tuning rebuilds the model for the evaluation's data (models.transfer.adapt_to_data)
             model = meta_model({**cfg, "kwargs": data_kwargs(cfg, model, num_classes, in_chans, size)},
                                num_classes, in_chans)
         base = m["timm_name"].split(".")[0]

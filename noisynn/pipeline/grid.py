@@ -39,6 +39,33 @@ _NUMBERS = ("strength", "alpha", "mean", "std")
 __all__ = ["Grid", "EvaluationGroup", "CheckpointJob", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
 
 
+def entry_noises(entry: dict) -> list[dict]:
+    """The noise settings an entry of the config's ``noises`` asks for: one per strength, alpha and axis."""
+    kind = entry["kind"]
+    if kind == "none":
+        return [{"kind": "none"}]
+    if kind in ("gaussian", "impulse"):
+        base = {"kind": kind}
+        if kind == "gaussian":
+            base.update(mean=entry.get("mean", 0.0), std=entry.get("std", 1.0))
+        return [{**base, "strength": s} for s in entry["strength"]]
+    variant = {k: entry[k] for k in ("neighbour", "detach") if k in entry}
+    if kind == "linear-shift":
+        return [{"kind": kind, "alpha": a, "axis": ax, **variant} for a in entry["alpha"] for ax in entry["axis"]]
+    return [{"kind": kind, "axis": ax, **variant} for ax in entry["axis"]]
+
+
+def layer_sweep_noise(sweep: dict) -> dict:
+    """The noise setting the config's ``layer_sweep`` injects at each of a model's sweep sites."""
+    noise = {"kind": sweep["kind"], "axis": sweep.get("axis", "batch")}
+    if sweep["kind"] == "linear-shift":
+        noise["alpha"] = sweep.get("alpha", 0.3)
+    for key in ("neighbour", "detach"):
+        if key in sweep:
+            noise[key] = sweep[key]
+    return noise
+
+
 @dataclass
 class EvaluationGroup:
     """The evaluations of one checkpoint at one site and seed: one job."""
@@ -91,7 +118,7 @@ class Grid:
         seeds = config["seeds"]
         for entry in config["noises"]:
             models = entry.get("models") or list(config["models"])
-            for noise in self._expand(entry):
+            for noise in entry_noises(entry):
                 token = self._register(noise, f"noises.{config['noises'].index(entry)}")
                 for model in models:
                     site = config["models"][model]["site"] if noise["kind"] != "none" else "none"
@@ -101,13 +128,7 @@ class Grid:
                             evals.append(Evaluation(self.dataset, model, token, apply, site, seed, True))
         sweep = config.get("layer_sweep")
         if sweep:
-            noise = {"kind": sweep["kind"], "axis": sweep.get("axis", "batch")}
-            if sweep["kind"] == "linear-shift":
-                noise["alpha"] = sweep.get("alpha", 0.3)
-            for key in ("neighbour", "detach"):
-                if key in sweep:
-                    noise[key] = sweep[key]
-            token = self._register(noise, "layer_sweep")
+            token = self._register(layer_sweep_noise(sweep), "layer_sweep")
             for model, mcfg in config["models"].items():
                 for site in mcfg.get("layer_sweep_sites", []):
                     for seed in seeds:
@@ -133,21 +154,6 @@ class Grid:
                                 "make them differ within 6 digits or keep one.")
         self.noises[token] = noise
         return token
-
-    @staticmethod
-    def _expand(entry: dict) -> list[dict]:
-        kind = entry["kind"]
-        if kind == "none":
-            return [{"kind": "none"}]
-        if kind in ("gaussian", "impulse"):
-            base = {"kind": kind}
-            if kind == "gaussian":
-                base.update(mean=entry.get("mean", 0.0), std=entry.get("std", 1.0))
-            return [{**base, "strength": s} for s in entry["strength"]]
-        variant = {k: entry[k] for k in ("neighbour", "detach") if k in entry}
-        if kind == "linear-shift":
-            return [{"kind": kind, "alpha": a, "axis": ax, **variant} for a in entry["alpha"] for ax in entry["axis"]]
-        return [{"kind": kind, "axis": ax, **variant} for ax in entry["axis"]]
 
     # --- checkpoints -----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ _METRIC_WORDS = {"top1_percent": "% top-1", "top5_percent": "% top-5", "error_pe
 
 def load_claims(ledger: Path, paper_csv: Path) -> list[dict]:
     """The ledger's claims, schema-checked, each with its number (``value``, ``metric``) resolved."""
-    from noisynn.pipeline.config import check_against_schema, read_yaml
+    from noisynn.pipeline.schema import check_against_schema, read_yaml
 
     source = f"claims ledger {ledger}"
     doc = read_yaml(Path(ledger), "claims ledger")

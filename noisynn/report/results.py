@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from noisynn.errors import UserError
+from noisynn.noise_batch import mixes_batch
 from noisynn.report import stats
 from noisynn.report.aggregate import COLUMNS, KEY, SWEEP_COLUMNS
 from noisynn.vocab import (
@@ -153,7 +154,8 @@ class Setting:
                                                       site=self.site, **more).items())
 
     def mixes_batch(self, noise_applied: bool) -> bool:
-        return bool(noise_applied) and (self.kind == "impulse" or (self.kind in LINEAR_NOISE_KINDS and self.axis == "batch"))
+        """Whether the setting's noise, when applied, makes a prediction depend on the rest of its test batch."""
+        return bool(noise_applied) and mixes_batch({"kind": self.kind, "axis": self.axis})
 
 
 # a paired change of top-1: its interval, its sign-flip test, and whether it is zero by construction (untested)
@@ -162,27 +164,21 @@ Change = NamedTuple("Change", [("interval", stats.Interval), ("test", stats.Pair
 Verdict = NamedTuple("Verdict", [("family", str), ("adjusted_pvalue", float), ("word", str)])
 
 
-def _memo(method):  # caches a method's results on its instance: a report computes each interval once
-    @functools.wraps(method)
-    def cached(self, *args, **kwargs):
-        key = (method.__name__, args, tuple(sorted(kwargs.items())))
-        if key not in self._memo:
-            self._memo[key] = method(self, *args, **kwargs)
-        return self._memo[key]
-    return cached
+# --- the evaluations table, by setting ------------------------------------------------------------
 
 
-class Results:
-    """The evaluations by setting, protocol and metric (values per seed), with their predictions (cached)."""
+class SettingTable:
+    """What the evaluations table records of each setting: its values per seed under each protocol and
+    metric, and per evaluation whether the noise was on, the theory's k and ΔS, the checkpoint and the
+    predictions file."""
 
-    def __init__(self, df: pd.DataFrame, sweeps: pd.DataFrame | None = None):
+    def __init__(self, df: pd.DataFrame):
         self.df = df
-        self.sweep_df = pd.DataFrame(columns=SWEEP_COLUMNS) if sweeps is None else sweeps
         self.timm_names = dict(zip(df["model"], df["timm_name"]))
         self.reported_metrics = dict(zip(df["model"], df["reported_metric"]))
         self.preprocesses = dict(zip(df["model"], df["preprocess"]))  # timm, released, or "" (embedded data)
         self._cells: dict[tuple, dict[int, float]] = {}
-        self._theory, self._applied, self._paths, self._memo, self._open = {}, {}, {}, {}, {}
+        self._theory, self._applied, self._paths = {}, {}, {}
         self._checkpoints: dict[tuple, str] = {}
         cols = ["model", "noise", "apply", "site", "protocol", "metric", "seed", "value", "mixed_axis_size",
                 "theory_delta_S", "noise_applied", "predictions", "checkpoint"]
@@ -194,21 +190,20 @@ class Results:
                 self._paths[(m, n, a, s, seed)] = path
             if metric == "top1":
                 self._theory[(m, n, a, s, p)] = (None if k != k else int(k), math.nan if ds is None else ds)
-        first = df.drop_duplicates(["model", "noise", "apply", "site"])
-        fields = ["model", "noise", "apply", "site", "noise_kind", "strength", "alpha", "axis", "neighbour", "detach",
-                  "default_site"]
-        self.settings = sorted((Setting(*row[:9], row[9], bool(row[10]))
-                                for row in zip(*(first[c].tolist() for c in fields))), key=lambda x: x.key)
-        self._by_name = {(s.model, s.noise, s.apply, s.site): s for s in self.settings}
+        self.settings = _settings(df)
+        self._by_name = {s.key4: s for s in self.settings}
         self.models = sorted(set(df["model"]))
         self.sites = {m: max((s.site for s in self.settings if s.model == m and s.default_site and s.site != "none"),
                              key=site_key, default="none") for m in self.models}
 
     def values(self, s: Setting, protocol: str, metric: str = "top1") -> dict[int, float]:
-        return self._cells.get((s.model, s.noise, s.apply, s.site, protocol, metric), {})
+        return self._cells.get((*s.key4, protocol, metric), {})
 
     def theory(self, s: Setting, protocol: str) -> tuple:  # (k, theory ΔS); (None, nan) when not recorded
-        return self._theory.get((s.model, s.noise, s.apply, s.site, protocol), (None, math.nan))
+        return self._theory.get((*s.key4, protocol), (None, math.nan))
+
+    def noise_applied(self, s: Setting, protocol: str) -> bool:
+        return self._applied.get((*s.key4, protocol), False)
 
     def n_seeds(self, s: Setting) -> int:
         return len({seed for p in PROTOCOLS for seed in self.values(s, p)})
@@ -240,9 +235,29 @@ class Results:
         return sorted((sorted(g, key=lambda x: site_key(x.site)) for g in groups.values() if len(g) > 1),
                       key=lambda g: g[0].key)
 
+
+def _settings(df: pd.DataFrame) -> list[Setting]:
+    """Each setting of the table once, as its first row describes it, in ``Setting.key`` order."""
+    first = df.drop_duplicates(["model", "noise", "apply", "site"])
+    fields = ["model", "noise", "apply", "site", "noise_kind", "strength", "alpha", "axis", "neighbour", "detach",
+              "default_site"]
+    return sorted((Setting(*row[:9], row[9], bool(row[10])) for row in zip(*(first[c].tolist() for c in fields))),
+                  key=lambda x: x.key)
+
+
+# --- the per-image predictions ----------------------------------------------------------------------
+
+
+class PredictionFiles:
+    """The arrays of the predictions files the evaluations name, each file opened once (a few at a time)."""
+
+    def __init__(self, paths: dict[tuple, str]):
+        self._paths = paths  # (model, noise, apply, site, seed) → its group's predictions.npz
+        self._open: dict[str, np.lib.npyio.NpzFile] = {}
+
     def array(self, s: Setting, seed: int, name: str) -> np.ndarray | None:
         """``labels``, or ``<name>`` under the setting's key, from its group's predictions; None if absent."""
-        path = self._paths.get((s.model, s.noise, s.apply, s.site, seed))
+        path = self._paths.get((*s.key4, seed))
         if not path:
             return None
         if path not in self._open:
@@ -256,17 +271,41 @@ class Results:
         key = name if name == "labels" else f"{setting_key(s.noise, s.apply, s.site)}/{name}"
         return self._open[path][key] if key in self._open[path] else None
 
+
+# --- what the predictions say: intervals, changes, verdicts, batch dependence, sweeps ---------------
+
+
+def _memo(method):  # caches a method's results on its instance: a report computes each interval once
+    @functools.wraps(method)
+    def cached(self, *args, **kwargs):
+        key = (method.__name__, args, tuple(sorted(kwargs.items())))
+        if key not in self._memo:
+            self._memo[key] = method(self, *args, **kwargs)
+        return self._memo[key]
+    return cached
+
+
+class Results(SettingTable):
+    """The evaluations by setting, protocol and metric (values per seed), with the intervals, changes,
+    verdicts and batch dependence their per-image predictions give (each computed once)."""
+
+    def __init__(self, df: pd.DataFrame, sweeps: pd.DataFrame | None = None):
+        super().__init__(df)
+        self.sweep_df = pd.DataFrame(columns=SWEEP_COLUMNS) if sweeps is None else sweeps
+        self.predictions = PredictionFiles(self._paths)
+        self._memo: dict[tuple, object] = {}
+
     def outcomes(self, s: Setting, protocol: str) -> dict[int, tuple]:
         """Per seed with predictions: (correct, units, pred, labels) of the setting under the protocol."""
-        out, mixes = {}, s.mixes_batch(self._applied.get((s.model, s.noise, s.apply, s.site, protocol), False))
+        out, mixes = {}, s.mixes_batch(self.noise_applied(s, protocol))
         for seed in sorted(self.values(s, protocol)):
-            labels, pred = self.array(s, seed, "labels"), self.array(s, seed, f"{protocol}/pred")
+            labels, pred = self.predictions.array(s, seed, "labels"), self.predictions.array(s, seed, f"{protocol}/pred")
             if labels is None or pred is None:
                 continue
             if pred.shape != labels.shape:
                 raise UserError(f"predictions of {s.where(seed=seed, protocol=protocol)} hold {pred.size} images, "
                                 f"their labels {labels.size}.")
-            batch = self.array(s, seed, f"{protocol}/batch") if mixes else None
+            batch = self.predictions.array(s, seed, f"{protocol}/batch") if mixes else None
             out[seed] = (pred == labels, stats.units(batch, labels.size, mixes), pred, labels)
         return out
 
@@ -277,7 +316,7 @@ class Results:
 
     def unit(self, s: Setting, protocol: str) -> str:
         """The unit of dependence of the setting under ``protocol``: ``batch`` or ``image``."""
-        return "batch" if s.mixes_batch(self._applied.get((*s.key4, protocol), False)) else "image"
+        return "batch" if s.mixes_batch(self.noise_applied(s, protocol)) else "image"
 
     def identity(self, s: Setting, protocol: str, own: bool = False) -> bool:
         """The setting is its reference by construction under ``protocol``: the same checkpoint in every seed (``own``,
@@ -287,7 +326,7 @@ class Results:
         if not own and (v is None or any(self._checkpoints.get((*v.key4, seed)) != self._checkpoints[(*s.key4, seed)]
                                          for seed in self.values(s, protocol))):
             return False
-        applied, k = self._applied.get((*s.key4, protocol), False), self.theory(s, protocol)[0]
+        applied, k = self.noise_applied(s, protocol), self.theory(s, protocol)[0]
         return not applied or (s.kind in LINEAR_NOISE_KINDS and s.axis == "batch" and k == 1)
 
     @_memo
@@ -321,19 +360,7 @@ class Results:
     @_memo
     def verdicts(self) -> dict[tuple, Verdict]:
         """Per (setting, protocol) tested against the vanilla model: the family, the adjusted p-value and the verdict word (see the module's doc)."""
-        out, families = {}, {"primary": [], "other": []}
-        for s, p in self.tested_changes():
-            ch = self.change(s, p)
-            if ch.by_construction:
-                out[(s, p)] = Verdict("", math.nan, BY_CONSTRUCTION)
-            else:
-                families["primary" if self.primary(s, p) else "other"].append((s, p))
-        for family, cells in families.items():
-            pvalues = [self.change(s, p).test.pvalue for s, p in cells]
-            adjusted = stats.holm(pvalues) if family == "primary" else stats.benjamini_hochberg(pvalues)
-            for (s, p), q in zip(cells, adjusted, strict=True):
-                out[(s, p)] = Verdict(family, float(q), stats.verdict(self.change(s, p).interval.estimate, q))
-        return out
+        return family_verdicts({(s, p): (self.change(s, p), self.primary(s, p)) for s, p in self.tested_changes()})
 
     def verdict(self, s: Setting, protocol: str) -> Verdict | None:
         return self.verdicts().get((s, protocol))
@@ -341,8 +368,7 @@ class Results:
     @_memo
     def batch_dependence(self, s: Setting, protocol: str) -> float | None:
         """Share of images predicted otherwise than under ``batch1``; None where the noise is on in one only."""
-        name = (s.model, s.noise, s.apply, s.site)
-        if self._applied.get((*name, protocol)) != self._applied.get((*name, "batch1")):
+        if self.noise_applied(s, protocol) != self.noise_applied(s, "batch1"):
             return None
         mine, one = self.outcomes(s, protocol), self.outcomes(s, "batch1")
         seeds = sorted(set(mine) & set(one))
@@ -366,16 +392,38 @@ class Results:
         return pd.DataFrame(rows, columns=[*keys, "value", "ci_low", "ci_high", "n_seeds"])
 
     def _sweep_interval(self, p: dict, seeds: list[int]) -> stats.Interval | None:
-        # the pooled batch-size sweep keeps no batch index (no unit of dependence), so it has no interval
-        stem = {("batch_size", "noise"): lambda: batch_size_stem(p["order"], p["batch_size"]),
-                ("purity", "noise"): lambda: purity_stem(p["m"]),
-                ("protocol", "pooling_control"): lambda: pooling_stem(p["order"])}.get((p["experiment"], p["variant"]))
-        stem = stem() if stem else None
+        stem = _sweep_stem(p)
         s = self.setting(p["model"], p["noise"], p["apply"], p["site"])
         names = ("labels", f"{stem}/batch", f"{stem}/correct", f"{stem}/pred")
-        arrays = [[self.array(s, seed, n) for n in names] for seed in seeds] if s and stem else []
+        arrays = [[self.predictions.array(s, seed, n) for n in names] for seed in seeds] if s and stem else []
         if not arrays or any(a[0] is None or a[1] is None or (a[2] is None and a[3] is None) for a in arrays):
             return None
         mixes = p["variant"] == "pooling_control" or s.mixes_batch(True)  # pooling mixes a batch by construction
         return stats.accuracy_interval([a[2].astype(bool) if a[2] is not None else a[3] == a[0] for a in arrays],
                                        [stats.units(a[1], a[0].size, mixes) for a in arrays], CONFIDENCE)
+
+
+def family_verdicts(tested: dict[tuple, tuple[Change, bool]]) -> dict[tuple, Verdict]:
+    """The verdict of each tested change (key → (change, whether primary)): a change zero by construction
+    is untested; the primary ones are adjusted together by Holm, the others by Benjamini–Hochberg."""
+    out, families = {}, {"primary": [], "other": []}
+    for key, (change, primary) in tested.items():
+        if change.by_construction:
+            out[key] = Verdict("", math.nan, BY_CONSTRUCTION)
+        else:
+            families["primary" if primary else "other"].append(key)
+    for family, keys in families.items():
+        pvalues = [tested[key][0].test.pvalue for key in keys]
+        adjusted = stats.holm(pvalues) if family == "primary" else stats.benjamini_hochberg(pvalues)
+        for key, q in zip(keys, adjusted, strict=True):
+            out[key] = Verdict(family, float(q), stats.verdict(tested[key][0].interval.estimate, q))
+    return out
+
+
+def _sweep_stem(p: dict) -> str | None:
+    """Where a sweep point's arrays lie in its predictions file; None for the pooled batch-size sweep,
+    which keeps no batch index (no unit of dependence), so has no interval."""
+    stem = {("batch_size", "noise"): lambda: batch_size_stem(p["order"], p["batch_size"]),
+            ("purity", "noise"): lambda: purity_stem(p["m"]),
+            ("protocol", "pooling_control"): lambda: pooling_stem(p["order"])}.get((p["experiment"], p["variant"]))
+    return stem() if stem else None

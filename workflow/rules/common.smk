@@ -14,14 +14,11 @@ from noisynn.pipeline.codedigest import (
     step_digest,
     summary_digest,
 )
-from noisynn.pipeline.config import (
-    check_models_and_sites,
-    job_environment,
-    processes,
-    read_config_file,
-    validate_config,
-)
+from noisynn.noise_batch import processes
+from noisynn.pipeline.config import read_config_file, validate_config
 from noisynn.pipeline.grid import Grid
+from noisynn.pipeline.jobs import job_environment
+from noisynn.pipeline.model_checks import check_models_and_sites
 from noisynn.vocab import (
     FINETUNE_PATH,
     GROUP_PATH,

@@ -328,3 +328,19 @@ def test_one_process_over_a_checkpoint_s_groups_writes_what_one_process_per_grou
         assert a.files == b.files, stem
         for key in a.files:
             assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), (stem, key)
+
+
+def test_logit_pooling_takes_each_batch_mean():
+    """The noise-free control: each image takes the mean logits of its batch."""
+    from noisynn.evaluate import logit_pooling
+
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [4.0, 0.0]])
+    assert np.array_equal(logits.argmax(axis=1), [0, 1, 1, 0])  # what the images say alone
+    # batch {0, 1}: mean (1, 0.5) → 0; batch {2, 3}: mean (2, 1.5) → 0.
+    assert np.array_equal(logit_pooling(logits, [np.array([0, 1]), np.array([2, 3])]), [0, 0, 0, 0])
+    # batch {0, 2}: mean (1, 1.5) → 1; batch {1, 3}: mean (2, 0.5) → 0.
+    assert np.array_equal(logit_pooling(logits, [np.array([0, 2]), np.array([1, 3])]), [1, 0, 1, 0])
+    # Batches of one leave every image its own prediction.
+    assert np.array_equal(logit_pooling(logits, [np.array([i]) for i in range(4)]), [0, 1, 1, 0])
+    with pytest.raises(UserError, match="exactly one batch"):
+        logit_pooling(logits, [np.array([0, 1]), np.array([1, 2, 3])])

@@ -214,6 +214,21 @@ def test_evaluate_option_mistakes(extra, names, resnet_run, digits_dir, tmp_path
     assert not (tmp_path / "e.json").exists()
 
 
+def test_evaluate_groups_mistakes_are_refused_before_the_first_group_runs(resnet_run, digits_dir, tmp_path, capsys):
+    """`evaluate --groups` (the workflow's job per checkpoint): a mistake in any group stops the job
+    before the first prefix pass, naming the entry."""
+    none = [{"noise_params": {"kind": "none"}}]
+    first = {"site": "layer4.0", "settings": none, "out": str(tmp_path / "a.json")}
+    command = ["evaluate", "--checkpoint", resnet_run.checkpoint, "--data", digits_dir, "--groups"]
+    refused(capsys, [*command, json.dumps([first]), "--out", tmp_path / "b.json"], "--groups", "--out")
+    refused(capsys, [*command, json.dumps([first, {"site": "layer4.0", "settings": none}])], "--groups entry 1", "out")
+    refused(capsys, [*command, json.dumps([first, {**first, "site": "layer3.0"}])], "--groups entry 1 out",
+            "--groups entry 0 out")
+    refused(capsys, [*command, json.dumps([first, {**first, "site": "layer9.9", "out": str(tmp_path / "c.json")}])],
+            "layer9.9")
+    assert not list(tmp_path.iterdir())
+
+
 # --- 1. broken dataset files ------------------------------------------------------------------
 
 

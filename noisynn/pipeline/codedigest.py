@@ -39,7 +39,7 @@ STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pretrain": (("_add_train_args", "_add_training", "_train"), ()),
     "finetune": (("_add_train_args", "_add_training", "_train"), ()),
     "import_weights": (("_add_import_weights", "_import_weights"), ()),
-    "evaluate": (("_add_evaluate", "_evaluate"), ()),
+    "evaluate": (("_add_evaluate", "_evaluate", "_evaluation_groups", "_evaluation_settings", "_write_evaluation"), ()),
     "aggregate": (("_add_aggregate", "_aggregate"), ()),
     "report": (("_add_report", "_report"), ()),
 }

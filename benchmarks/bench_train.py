@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, prepared_digits, timed, vit  # noqa: E402
 
 from noisynn.data import load_dataset  # noqa: E402
-from noisynn.inject import inject  # noqa: E402
+from noisynn.inject.hook import inject  # noqa: E402
 from noisynn.models.build import build_model  # noqa: E402
 from noisynn.noise import NoiseSpec  # noqa: E402
 from noisynn.train import TrainConfig, epoch_batches, train  # noqa: E402

@@ -105,17 +105,21 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint under every protocol (one or several noise settings)")
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="evaluation JSON (one record per setting)")
+    p.add_argument("--out", type=Path, help="evaluation JSON (one record per setting)")
     p.add_argument("--predictions", type=Path, help="optional .npz: each image's prediction and batch, per setting and protocol")
     p.add_argument("--noise", type=_json_arg("--noise"), default=None, help="one noise setting as JSON (default: none)")
     p.add_argument("--settings", type=_json_arg("--settings", list), default=None,
                    help="several settings at the same site, as a JSON list of {noise_params, ...} (what the workflow passes)")
     p.add_argument("--site", default=None)
+    p.add_argument("--groups", type=_json_arg("--groups", list), default=None,
+                   help='several groups of this checkpoint in one process, read once, instead of --out, --predictions, '
+                        '--site, --seed and --noise/--settings: a JSON list of {"site", "seed", "settings", "out", '
+                        '"predictions"} (what the workflow passes when evaluate.jobs is checkpoint)')
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset of " + ",".join(PROTOCOLS))
     p.add_argument("--test-batch-size", type=int, default=10)
     p.add_argument("--reported-metric", choices=REPORTED_METRICS, default="running",
                    help="the accuracy the released code reports: running (ViT code) or plain (CNN code)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seeds the test orders and the noise (default 0)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--no-prefix-cache", action="store_true", help="run the full network for every protocol")
     p.add_argument("--allow-other-data", action="store_true",
@@ -305,82 +309,134 @@ def _import_weights(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
+def _evaluation_settings(settings: list, site: str, seed: int, what: str) -> list[dict]:
+    """A group's settings, each checked and completed with the group's site and seed where it names none."""
+    for i, s in enumerate(settings):
+        if not isinstance(s, dict) or not isinstance(s.get("noise_params"), dict):
+            raise UserError(f"{what} {i} needs a noise_params mapping; got {s!r}.")
+        s.setdefault("noise", s["noise_params"].get("kind", "none"))
+        s.setdefault("apply", "eval")
+        s.setdefault("site", site)
+        s.setdefault("seed", seed)
+        if s["apply"] not in APPLY:
+            raise UserError(f"{what} {i}: key apply must be one of {', '.join(APPLY)}; got {s['apply']!r}.")
+        if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or s["seed"] < 0:
+            raise UserError(f"{what} {i}: key seed must be an integer >= 0; got {s['seed']!r}.")
+        for key in ("noise", "site"):
+            if not isinstance(s[key], str):
+                raise UserError(f"{what} {i}: key {key} must be a string; got {s[key]!r}.")
+    return settings
+
+
+def _evaluation_groups(args) -> list[dict]:
+    """The groups to evaluate, each with its site, seed, settings, out, predictions and the flag that
+    names it in a message: those of --groups, or the one group of --out, --site, --noise or --settings …"""
+    if args.groups is None:
+        if args.out is None:
+            raise UserError("evaluate needs --out (one group of settings) or --groups (several groups of the checkpoint).")
+        if args.settings is not None and args.noise is not None:
+            raise UserError("evaluate takes --noise (one setting) or --settings (several), not both.")
+        if args.site is not None and not args.site.strip():
+            raise UserError("evaluate --site is empty; name a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
+        noised = [n.get("kind", "none") for n in ([args.noise] if args.noise else [s.get("noise_params") or {} for s in args.settings or []])
+                  if isinstance(n, dict) and n.get("kind", "none") != "none"]
+        if noised and args.site is None:
+            # as finetune: the place of a noise is never guessed; the input images are the site `image`
+            raise UserError(f"evaluate --noise {noised[0]} needs --site (e.g. blocks.3.attn or layer4.1, `noisynn sites` "
+                            "lists them, or image for the input images).")
+        seed = 0 if args.seed is None else args.seed
+        if args.settings is None:
+            noise = args.noise or {"kind": "none"}
+            settings = [{"noise": noise.get("kind", "none"), "apply": "eval", "site": args.site or "none",
+                         "seed": seed, "noise_params": noise}]
+        else:
+            settings = _evaluation_settings(args.settings, args.site or "none", seed, "--settings entry")
+        return [{"site": args.site or "image", "seed": seed, "settings": settings, "out": args.out,
+                 "predictions": args.predictions, "flags": {"out": "--out", "predictions": "--predictions"}}]
+    one = {"--out": args.out, "--predictions": args.predictions, "--site": args.site, "--seed": args.seed,
+           "--noise": args.noise, "--settings": args.settings}
+    given = [flag for flag, value in one.items() if value is not None]
+    if given:
+        raise UserError(f"evaluate takes --groups (several groups) or {', '.join(given)} (one group), not both.")
+    groups = []
+    for i, g in enumerate(args.groups):
+        what = f"--groups entry {i}"
+        if not isinstance(g, dict) or not {"site", "settings", "out"} <= set(g) or set(g) - {"site", "seed", "settings", "out", "predictions"}:
+            raise UserError(f"{what} must be a mapping of site, settings and out (and optionally seed and predictions); "
+                            f"got {g!r:.120}.")
+        if not isinstance(g["site"], str) or not g["site"].strip():
+            raise UserError(f"{what}: key site must name a site (e.g. blocks.3.attn, or image for the input images); "
+                            f"got {g['site']!r}.")
+        for key in ("out", "predictions"):
+            if g.get(key) is not None and not isinstance(g[key], str):
+                raise UserError(f"{what}: key {key} must be a path; got {g[key]!r}.")
+        if not isinstance(g["settings"], list) or not g["settings"]:
+            raise UserError(f"{what}: key settings must be a non-empty list; got {g['settings']!r:.120}.")
+        seed = g.get("seed", 0)
+        groups.append({"site": g["site"], "seed": seed,
+                       "settings": _evaluation_settings(g["settings"], g["site"], seed, f"{what}, settings entry"),
+                       "out": Path(g["out"]), "predictions": Path(g["predictions"]) if g.get("predictions") else None,
+                       "flags": {"out": f"{what} out", "predictions": f"{what} predictions"}})
+    return groups
+
+
+def _write_evaluation(group: dict, result: dict, arrays: dict) -> None:
+    """A group's evaluation JSON, and its predictions file where asked, which the JSON names with its hash."""
     import numpy as np
 
-    from noisynn.evaluate import evaluate_group
     from noisynn.io.atomic import atomic_path, atomic_write_json, remove_stale_temp_files
-    from noisynn.io.guards import check_not_an_input, check_output_file
     from noisynn.io.provenance import file_sha256
+
+    out, predictions = group["out"], group["predictions"]
+    for path in (out, predictions) if predictions else (out,):  # a killed earlier run's half-written files
+        remove_stale_temp_files(path.parent, [path.name])
+    try:
+        result["predictions"] = None  # the record names its predictions file, never left to be guessed
+        if predictions:
+            with atomic_path(predictions) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez_compressed(fh, **arrays)
+            result["predictions"] = {"file": os.path.relpath(predictions, out.parent), "sha256": file_sha256(predictions)}
+        atomic_write_json(out, result)
+    except OSError as e:
+        raise UserError(f"evaluate could not write its results next to {out} ({e.strerror or e}); "
+                        "the evaluation is lost, free space or choose another place and run it again.") from None
+
+
+def _evaluate(args) -> int:
+    from noisynn.evaluate import evaluate_groups
+    from noisynn.io.guards import check_not_an_input, check_output_file
     from noisynn.models.weights import sidecar_path
 
-    if args.settings is not None and args.noise is not None:
-        raise UserError("evaluate takes --noise (one setting) or --settings (several), not both.")
+    groups = _evaluation_groups(args)
     # the outputs are checked before the evaluation, which can take hours
     inputs = {"the checkpoint (--checkpoint)": args.checkpoint, "the checkpoint's sidecar": sidecar_path(args.checkpoint),
               **({f"the dataset's file {p.name}": p for p in args.data.iterdir()} if args.data.is_dir() else {})}
-    outputs = [("--out", args.out)] + ([("--predictions", args.predictions)] if args.predictions else [])
-    for flag, path in outputs:
-        check_output_file(path, f"evaluate {flag}")
-        check_not_an_input(path, f"evaluate {flag}", inputs)
-    if args.predictions:
-        check_not_an_input(args.predictions, "evaluate --predictions", {"the path given to --out": args.out})
-    if args.site is not None and not args.site.strip():
-        raise UserError("evaluate --site is empty; name a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
-    noised = [n.get("kind", "none") for n in ([args.noise] if args.noise else [s.get("noise_params") or {} for s in args.settings or []])
-              if isinstance(n, dict) and n.get("kind", "none") != "none"]
-    if noised and args.site is None:
-        # as finetune: the place of a noise is never guessed; the input images are the site `image`
-        raise UserError(f"evaluate --noise {noised[0]} needs --site (e.g. blocks.3.attn or layer4.1, `noisynn sites` "
-                        "lists them, or image for the input images).")
-    if args.settings is None:
-        noise = args.noise or {"kind": "none"}
-        settings = [{"noise": noise.get("kind", "none"), "apply": "eval", "site": args.site or "none",
-                     "seed": args.seed, "noise_params": noise}]
-    else:
-        settings = args.settings
-        for i, s in enumerate(settings):
-            if not isinstance(s, dict) or not isinstance(s.get("noise_params"), dict):
-                raise UserError(f"--settings entry {i} needs a noise_params mapping; got {s!r}.")
-            s.setdefault("noise", s["noise_params"].get("kind", "none"))
-            s.setdefault("apply", "eval")
-            s.setdefault("site", args.site or "none")
-            s.setdefault("seed", args.seed)
-            if s["apply"] not in APPLY:
-                raise UserError(f"--settings entry {i}: key apply must be one of {', '.join(APPLY)}; got {s['apply']!r}.")
-            if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or s["seed"] < 0:
-                raise UserError(f"--settings entry {i}: key seed must be an integer >= 0; got {s['seed']!r}.")
-            for key in ("noise", "site"):
-                if not isinstance(s[key], str):
-                    raise UserError(f"--settings entry {i}: key {key} must be a string; got {s[key]!r}.")
-    result, arrays = evaluate_group(
-        args.checkpoint, args.data, args.site or "image", settings,
+    written: dict[str, str] = {}  # absolute path → the flag that names it: each output is no other's
+    for g in groups:
+        for key in ("out", "predictions") if g["predictions"] else ("out",):
+            flag = g["flags"][key]
+            check_output_file(g[key], f"evaluate {flag}")
+            check_not_an_input(g[key], f"evaluate {flag}", inputs)
+            other = written.setdefault(os.path.abspath(g[key]), flag)
+            if other != flag:
+                raise UserError(f"evaluate {flag} {g[key]} is also the path given to {other}; give each output a path of its own.")
+    results = evaluate_groups(
+        args.checkpoint, args.data, groups,
         protocols=tuple(p for p in args.protocols.split(",") if p),
-        test_batch_size=args.test_batch_size, reported_metric=args.reported_metric, seed=args.seed,
+        test_batch_size=args.test_batch_size, reported_metric=args.reported_metric,
         split=args.split, use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
         forward_batch_size=args.forward_batch_size, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
         allow_other_data=args.allow_other_data,
     )
-    for _, path in outputs:  # a killed earlier run's half-written files
-        remove_stale_temp_files(path.parent, [path.name])
-    try:
-        result["predictions"] = None  # the record names its predictions file, never left to be guessed
-        if args.predictions:
-            with atomic_path(args.predictions) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez_compressed(fh, **arrays)
-            result["predictions"] = {"file": os.path.relpath(args.predictions, args.out.parent),
-                                     "sha256": file_sha256(args.predictions)}
-        atomic_write_json(args.out, result)
-    except OSError as e:
-        raise UserError(f"evaluate could not write its results next to {args.out} ({e.strerror or e}); "
-                        "the evaluation is lost, free space or choose another place and run it again.") from None
-    for ev in result["evaluations"]:
-        print(f"{ev['setting']['noise']} ({ev['setting']['apply']}) at {result['site']}:")
-        for name, r in ev["protocols"].items():
-            print(f"  {name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric top1 "
-                  f"{r['released_metric_top1']:.4f} top5 {r['released_metric_top5']:.4f}")
-    print(f"{result['images_per_second']:.0f} images/s ({result['prefix_cache']} prefix cache, {result['dtype']})")
+    for g, (result, arrays) in zip(groups, results):
+        _write_evaluation(g, result, arrays)
+        for ev in result["evaluations"]:
+            print(f"{ev['setting']['noise']} ({ev['setting']['apply']}) at {result['site']}:")
+            for name, r in ev["protocols"].items():
+                print(f"  {name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric top1 "
+                      f"{r['released_metric_top1']:.4f} top5 {r['released_metric_top5']:.4f}")
+        print(f"{result['images_per_second']:.0f} images/s ({result['prefix_cache']} prefix cache, {result['dtype']})")
     return 0
 
 
@@ -423,7 +479,7 @@ def _entropy(args) -> int:
 
 
 def _sites(args) -> int:
-    from noisynn.inject import valid_sites
+    from noisynn.inject.sites import valid_sites
     from noisynn.models.build import check_model_config, meta_model
 
     check_model_config(args.model, "--model", strict=True)
@@ -448,7 +504,8 @@ def _cost(args) -> int:
 
 
 def _probe(args) -> int:
-    from noisynn.inject import _example_input, inject
+    from noisynn.inject.hook import inject
+    from noisynn.inject.sites import example_input
     from noisynn.models.build import build_model, check_model_config
     from noisynn.models.checkpoints import load_checkpoint
     from noisynn.noise import NoiseSpec
@@ -469,7 +526,7 @@ def _probe(args) -> int:
     handles = []
     if args.noise is not None:
         handles.append(inject(model, args.site, NoiseSpec.from_dict(args.noise), at_train=True, at_eval=True))
-    result = probe(model.eval(), tuple(_example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
+    result = probe(model.eval(), tuple(example_input(model, None).shape[1:]), args.batch_size, args.train_mode, handles)
     print(result.sentence())
     return 0 if result.batch_independent else 1
 

@@ -1,4 +1,6 @@
 """One checkpoint at one site: every noise setting under every evaluation protocol, in one pass.
+Several such groups of one checkpoint (its sites, its seeds) can run in one process, which reads the
+checkpoint and the data once (``evaluate_groups``).
 
 The protocols are defined in ``noisynn.vocab`` (docs/paper.md §6): ``clean`` (the noise off),
 ``released`` (class-sorted order, the released code), ``shuffled``, ``batch1``, ``class_pure`` and
@@ -14,16 +16,20 @@ blocks), so the suffix computes exactly what the uncached forward computes from 
 suffix (``forward_batch_size`` images), each still noised alone, so that a test batch of 10 images
 costs a tenth of a forward call's fixed cost, not all of it. The group can also run the experiments that separate the
 batch leak from the entropy theory: a batch-size sweep, a purity sweep and a noise-free control that
-averages the logits of each batch (``SWEEPS``).
+averages the logits of each batch. ``pass_schedule`` lists the passes a group runs (the cost tool,
+noisynn/pipeline/cost.py, counts the same).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +38,9 @@ import torch
 from noisynn.data import load_dataset
 from noisynn.entropy import delta_entropy_for
 from noisynn.errors import UserError
-from noisynn.inject import cache_point, check_site, forward_prefix, forward_suffix, inject, joined_batches
+from noisynn.inject.hook import inject, joined_batches
+from noisynn.inject.sites import check_site
+from noisynn.inject.split import cache_point, forward_prefix, forward_suffix
 from noisynn.io.provenance import provenance
 from noisynn.models.build import meta_model
 from noisynn.models.checkpoints import load_checkpoint
@@ -51,7 +59,8 @@ from noisynn.vocab import (
     setting_key,
 )
 
-__all__ = ["PROTOCOLS", "PROTOCOL_DEFS", "evaluate_group", "evaluate_checkpoint", "prediction_arrays"]
+__all__ = ["PROTOCOLS", "PROTOCOL_DEFS", "evaluate_group", "evaluate_groups", "evaluate_checkpoint", "logit_pooling",
+           "pass_schedule", "prediction_arrays"]
 
 class _NoRoom(Exception):
     pass
@@ -105,6 +114,10 @@ class PrefixCache:
             self._tmp.cleanup()
 
 
+# the largest prefix cache kept in RAM (max_cache_bytes, which the workflow leaves as it is); a
+# larger one is memory-mapped on the node's disk (the cost tool says where that needs room)
+RAM_CACHE_BYTES = 4 << 30
+
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -141,7 +154,7 @@ class _Runner:
     """Runs test batches through the suffix (from the cache) or the whole network, and counts images.
 
     Consecutive test batches share a forward call, up to ``forward_batch_size`` images (a larger
-    batch runs alone): the noise still acts on each test batch alone (``inject.joined_batches``),
+    batch runs alone): the noise still acts on each test batch alone (``inject.hook.joined_batches``),
     and the Python cost of a forward call is paid once per chunk instead of once per test batch.
     """
 
@@ -161,7 +174,7 @@ class _Runner:
             source = self.test.batches(joined, self.num_workers)
         for chunk, idx, (x, _) in zip(chunks, joined, source):
             x = x.to(self.device, non_blocking=True)
-            with joined_batches([len(b) for b in chunk]), self.autocast():
+            with joined_batches(self.model, [len(b) for b in chunk]), self.autocast():
                 out = forward_suffix(self.model, self.site, x) if self.cache is not None else self.model(x)
             self.images += len(idx)
             yield chunk, idx, out.float().cpu()
@@ -199,45 +212,45 @@ def _score(runner: _Runner, batches: list[np.ndarray], labels: np.ndarray, keep_
             "logits": logits_all}
 
 
-def _sweeps(runner: _Runner, handle, labels: np.ndarray, seed: int, noise_on: bool) -> dict:
-    """The batch-size and purity sweeps of one setting (noise on), and its predictions."""
-    handle.enabled = noise_on
-    out = {"batch_size": [], "purity": []}
-    arrays = {}
-    single = None
-    for order in SWEEP_ORDERS:
-        for k in SWEEP_BATCH_SIZES:
-            handle.reseed(seed)
-            if k == 1 and single is not None and not handle.spec.is_random:
-                r = single  # a batch of one image is the same batch in every order
-            else:
-                r = _score(runner, batches_in_order(labels, order, k, seed), labels)
-            if k == 1:
-                single = r
-            out["batch_size"].append({"order": order, "batch_size": k, "top1": r["top1"], "n": len(labels)})
-            arrays[f"{batch_size_stem(order, k)}/pred"] = r["pred"]
-            arrays[f"{batch_size_stem(order, k)}/batch"] = r["batch"]
-    for m in range(1, PURITY_BATCH_SIZE + 1):
-        handle.reseed(seed)
-        pairs = purity_batches(labels, m, PURITY_BATCH_SIZE, seed)
-        hits, batch_of = np.zeros(len(labels), dtype=bool), np.full(len(labels), -1, dtype=np.int64)
-        batches = [p[0] for p in pairs]
-        pred = np.concatenate([logits.argmax(-1).numpy() for _, _, logits in runner.logits(batches)])
-        starts = np.cumsum([0, *map(len, batches[:-1])])  # each batch's first row in the joined order
-        for j, ((_, targets), start) in enumerate(zip(pairs, starts)):
-            # the targets lead their batch (purity_batches puts them first)
-            hits[targets] = pred[start : start + len(targets)] == labels[targets]
-            batch_of[targets] = j
-        out["purity"].append({"m": m, "batch_size": PURITY_BATCH_SIZE, "top1": float(hits.mean()), "n": len(labels)})
-        arrays[f"{purity_stem(m)}/correct"] = hits
-        arrays[f"{purity_stem(m)}/batch"] = batch_of
-    return out, arrays
+def _score_purity(runner: _Runner, labels: np.ndarray, m: int, seed: int) -> dict:
+    """The purity sweep at ``m``: top-1 of the images scored as the m images of one class in their batch."""
+    pairs = purity_batches(labels, m, PURITY_BATCH_SIZE, seed)
+    hits, batch_of = np.zeros(len(labels), dtype=bool), np.full(len(labels), -1, dtype=np.int64)
+    batches = [p[0] for p in pairs]
+    pred = np.concatenate([logits.argmax(-1).numpy() for _, _, logits in runner.logits(batches)])
+    starts = np.cumsum([0, *map(len, batches[:-1])])  # each batch's first row in the joined order
+    for j, ((_, targets), start) in enumerate(zip(pairs, starts)):
+        # the targets lead their batch (purity_batches puts them first)
+        hits[targets] = pred[start : start + len(targets)] == labels[targets]
+        batch_of[targets] = j
+    return {"correct": hits, "batch": batch_of, "top1": float(hits.mean())}
+
+
+def logit_pooling(logits: np.ndarray, batches: list[np.ndarray]) -> np.ndarray:
+    """Noise-free control: ŷ_i = argmax_c mean_{j ∈ batch(i)} z_jc, every image takes its batch's pooled logits.
+
+    ``batches`` holds the image indices of each batch and must cover every image exactly once.
+    """
+    logits = np.asarray(logits, dtype=float)
+    if logits.ndim != 2:
+        raise UserError(f"`logits` must be a 2-D (images × classes) array; got shape {logits.shape}.")
+    n = logits.shape[0]
+    index = [np.asarray(b, dtype=np.int64).ravel() for b in batches]
+    members = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+    if members.size and (members.min() < 0 or members.max() >= n):
+        raise UserError(f"`batches` must hold image indices in 0..{n - 1}; got {members.min()}..{members.max()}.")
+    if not np.array_equal(np.bincount(members, minlength=n), np.ones(n, dtype=np.int64)):
+        raise UserError(f"`batches` must place each of the {n} images in exactly one batch.")
+    batch_of = np.empty(n, dtype=np.int64)
+    batch_of[members] = np.repeat(np.arange(len(index)), [b.size for b in index])
+    sums = np.zeros((len(index), logits.shape[1]))
+    np.add.at(sums, batch_of, logits)
+    counts = np.maximum(np.bincount(batch_of, minlength=len(index)), 1)  # an empty batch pools nothing
+    return (sums / counts[:, None]).argmax(axis=1)[batch_of]
 
 
 def _pooling_control(clean_logits: np.ndarray, labels: np.ndarray, seed: int, test_batch_size: int) -> tuple[dict, dict]:
     """The noise-free control: each image takes the mean logits of its batch (evidence pooled, no operator)."""
-    from noisynn.report.stats import logit_pooling
-
     out, arrays = {"protocols": {}, "batch_size": []}, {}
 
     def pooled(batches):
@@ -263,43 +276,95 @@ def _setting_key(setting: dict) -> str:
     return setting_key(setting["noise"], setting["apply"], setting["site"])
 
 
-@torch.no_grad()
-def evaluate_group(
-    checkpoint: Path,
-    data_dir: Path,
-    site: str,
-    settings: list[dict],
-    protocols: tuple[str, ...] = PROTOCOLS,
-    test_batch_size: int = 10,
-    reported_metric: str = "running",
-    seed: int = 0,
-    split: str = "test",
-    use_prefix_cache: bool = True,
-    forward_batch_size: int = 256,
-    max_cache_bytes: int = 4 << 30,
-    num_workers: int = 0,
-    device: str | None = None,
-    amp: bool | None = None,
-    amp_dtype: str = "bfloat16",
-    progress: bool = True,
-    allow_other_data: bool = False,
-) -> tuple[dict, dict]:
-    """Evaluate every setting of a group (same checkpoint, same site) under each protocol.
+# --- the pass schedule: what a group runs, in order (noisynn.pipeline.cost counts the same passes) --
 
-    ``settings``: dicts with ``noise_params`` (a noise mapping) and, from the grid, the setting's
-    record (``vocab.Evaluation`` fields); ``sweeps: true`` also runs the sweeps and the control.
-    Returns (the group's JSON-ready result, the per-image arrays for its predictions file).
-    ``forward_batch_size``: images per forward call, in the prefix pass and in the suffix (where test
-    batches are joined, each noised alone); the results do not depend on it beyond float rounding.
-    ``device`` (default: CUDA where there is one, else the CPU); ``amp``: autocast to ``amp_dtype``
-    (``bfloat16`` or ``float16``), on any device; None (the default) means on CUDA only, so that
-    CPU results are float32 unless asked otherwise.
 
-    Everything a user can get wrong is refused before the prefix pass: the settings, the
-    checkpoint and the data (each checked as it is read), data other than the checkpoint's (its
-    fingerprint; ``allow_other_data`` accepts it and records ``other_data: true``), and a noise that
-    the site makes the identity (a dry forward on the meta device, ``models.checks.check_noises_act``).
+@dataclass(frozen=True)
+class Pass:
+    """One pass of test batches through the network from the cache point on (the whole network
+    without the cache), and the part of one setting's record it fills.
+
+    ``part``: a protocol's name; ``batch_size`` or ``purity`` (the sweeps; the purity sweep's
+    batches hold ``m`` images of one class, ``orders.purity_batches``); or ``pooling_control``,
+    whose pass is the clean protocol's (the control pools its logits). ``batch_size`` None means
+    the evaluation's test batch size. ``result`` names what the pass computes: a pass whose result
+    an earlier pass of the schedule computed takes it (``runs`` False) and sends no image through.
     """
+
+    setting: int  # the index of the setting whose record it fills
+    part: str
+    order: str | None
+    batch_size: int | None
+    noise_on: bool
+    m: int | None
+    result: tuple
+    runs: bool
+    images: int  # through the network: every image of its batches once, 0 where it reuses a result
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What an evaluation group runs: one pass of the test images up to the cache point (none
+    without the cache), then its passes in order."""
+
+    prefix_images: int
+    passes: tuple[Pass, ...]
+
+    @property
+    def forward_images(self) -> dict:
+        """Images through the prefix and through the suffix (the whole network, without the cache)."""
+        return {"prefix": self.prefix_images, "suffix": sum(p.images for p in self.passes)}
+
+
+@functools.lru_cache(maxsize=64)
+def _purity_images(labels: bytes, m: int, seed: int) -> int:
+    """Images in the purity sweep's batches at ``m`` (memoized: every model of a config has the same test split)."""
+    y = np.frombuffer(labels, dtype=np.int64)
+    return sum(len(batch) for batch, _ in purity_batches(y, m, PURITY_BATCH_SIZE, seed))
+
+
+def pass_schedule(settings: list[dict], protocols, labels: np.ndarray, seed: int, cached: bool) -> Schedule:
+    """The passes of an evaluation group, in the order ``evaluate_group`` runs them.
+
+    Each setting runs every protocol; the noise-off protocols run once per group (every setting
+    predicts there what the plain model predicts). A setting with ``sweeps`` adds the batch-size
+    sweep (a batch of one image is the same batch in every order: run once for a noise that draws
+    no random numbers), the purity sweep and the pooling control, whose clean pass runs only if the
+    group has not run it yet. Without the cache (noise at the image) no prefix pass runs and every
+    pass runs the whole network.
+    """
+    n = len(labels)
+    labels_bytes = np.asarray(labels, dtype=np.int64).tobytes()
+    passes: list[Pass] = []
+    done: set[tuple] = set()
+
+    def add(setting, part, order, batch_size, noise_on, result, m=None):
+        runs = result not in done
+        done.add(result)
+        images = (_purity_images(labels_bytes, m, seed) if part == "purity" else n) if runs else 0
+        passes.append(Pass(setting, part, order, batch_size, noise_on, m, result, runs, images))
+
+    for i, setting in enumerate(settings):
+        for name in protocols:
+            p = PROTOCOL_DEFS[name]
+            add(i, name, p.order, p.batch_size, p.noise_on, (i, name) if p.noise_on else ("noise off", name))
+        if setting.get("sweeps"):
+            deterministic = not NoiseSpec.from_dict(setting["noise_params"]).is_random
+            for order in SWEEP_ORDERS:
+                for k in SWEEP_BATCH_SIZES:
+                    same = SWEEP_ORDERS[0] if k == 1 and deterministic else order
+                    add(i, "batch_size", order, k, True, (i, "batch_size", same, k))
+            for m in range(1, PURITY_BATCH_SIZE + 1):
+                add(i, "purity", None, PURITY_BATCH_SIZE, True, (i, "purity", m), m=m)
+            clean = PROTOCOL_DEFS["clean"]
+            add(i, "pooling_control", clean.order, clean.batch_size, clean.noise_on, ("noise off", "clean"))
+    return Schedule(n if cached else 0, tuple(passes))
+
+
+# --- one evaluation call: the checks, the checkpoint and data, then each group at its site ---------
+
+
+def _check_options(protocols, test_batch_size, reported_metric, num_workers, forward_batch_size, split) -> tuple[str, ...]:
     protocols = tuple(protocols)
     if not protocols:
         raise UserError(f"no protocol to evaluate; name one or more of {', '.join(PROTOCOLS)}.")
@@ -310,22 +375,54 @@ def evaluate_group(
         raise UserError(f"test_batch_size must be a positive integer; got {test_batch_size}.")
     if reported_metric not in REPORTED_METRICS:
         raise UserError(f"reported_metric must be one of {', '.join(REPORTED_METRICS)}; got {reported_metric!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"seed must be an integer >= 0 (it seeds the test orders and the noise); got {seed!r}.")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be an integer >= 0; got {num_workers!r}.")
     if isinstance(forward_batch_size, bool) or not isinstance(forward_batch_size, int) or forward_batch_size < 1:
         raise UserError(f"forward_batch_size must be a positive integer (images per forward call); got {forward_batch_size!r}.")
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val; got {split!r}.")
+    return protocols
+
+
+@dataclass
+class _Group:
+    """One group of settings at one site and seed, its noises parsed."""
+
+    site: str  # ``image`` for the input images (a group without a site)
+    seed: int
+    settings: list[dict]
+    specs: list[NoiseSpec]
+
+
+def _read_group(site: str | None, seed, settings: list[dict]) -> _Group:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be an integer >= 0 (it seeds the test orders and the noise); got {seed!r}.")
     specs = [NoiseSpec.from_dict(s["noise_params"]) for s in settings]
     if any(sp.kind != "none" for sp in specs) and (not site or site == "none"):
         raise UserError("a noise needs a site (e.g. blocks.3.attn or layer4.1; `noisynn sites` lists them).")
-    site = site if site and site != "none" else "image"
-    dev, autocast, dtype_name = autocast_for(device, amp, amp_dtype)
-    model, meta = load_checkpoint(Path(checkpoint))
-    check_site(model, site)  # without a noise too: the site decides the prefix cache and the records
-    data = load_dataset(Path(data_dir), meta["model"], train_augment=False, splits=("val",))
+    return _Group(site if site and site != "none" else "image", seed, settings, specs)
+
+
+@dataclass
+class _Loaded:
+    """The checkpoint and the test split that every group of one call evaluates, read and checked once."""
+
+    checkpoint: Path
+    data_dir: Path
+    model: torch.nn.Module
+    meta: dict
+    data: object  # the prepared dataset (data.Dataset)
+    test: object  # its split under evaluation
+    other_data: bool  # data other than the checkpoint's (allowed by allow_other_data)
+
+
+def _load(checkpoint: Path, data_dir: Path, groups: list[_Group], split: str, allow_other_data: bool) -> _Loaded:
+    """The checkpoint (every group's site checked on it) and the data, refused where the checkpoint
+    cannot classify it or was made on other data."""
+    model, meta = load_checkpoint(checkpoint)
+    for group in groups:
+        check_site(model, group.site)  # without a noise too: the site decides the prefix cache and the records
+    data = load_dataset(data_dir, meta["model"], train_augment=False, splits=("val",))
     check_model_fits_data(model, f"checkpoint {checkpoint}", data_dir, data.num_classes, data.in_chans, data.image_size)
     trained_on = meta.get("data_fingerprint")
     other_data = trained_on != data.fingerprint
@@ -334,118 +431,179 @@ def evaluate_group(
         raise UserError(f"checkpoint {checkpoint} was made on {then}, but dataset {data_dir} has fingerprint "
                         f"{data.fingerprint[:12]} (another split or dataset, whose test images may be its training "
                         "images); evaluate on the checkpoint's data, or pass --allow-other-data if this is intended.")
-    test = {"test": data.test, "val": data.val}[split]
+    return _Loaded(checkpoint, data_dir, model, meta, data, {"test": data.test, "val": data.val}[split], other_data)
+
+
+def _check_noises_act(loaded: _Loaded, group: _Group, protocols, test_batch_size: int) -> None:
+    """A linear noise that the site makes the identity, refused at every batch size its protocols feed it."""
+    if not any(sp.kind.startswith("linear") for sp in group.specs):
+        return
+    meta, data = loaded.meta, loaded.data
+    dry = meta_model(meta["model"], meta["num_classes"], meta["in_chans"])
+    batch_sizes = sorted({PROTOCOL_DEFS[p].batch_size or test_batch_size for p in protocols if PROTOCOL_DEFS[p].noise_on})
+    for bs in batch_sizes:
+        check_noises_act(dry, group.site, group.specs, (bs, data.in_chans, data.image_size, data.image_size),
+                         f"checkpoint {loaded.checkpoint} at site {group.site}")
+
+
+def _prefix_pass(model, site: str, point: str, test, n: int, device, autocast, forward_batch_size: int,
+                 num_workers: int, max_cache_bytes: int) -> tuple[PrefixCache | None, int]:
+    """Every test image through the network up to the cache point, once: (the cache, images run).
+    No cache (None) where it has no room: every pass then runs the whole network."""
+    cache = None
+    images = 0
+    order = np.arange(n)
+    chunks = [order[i : i + forward_batch_size] for i in range(0, n, forward_batch_size)]
+    for idx, (x, _) in zip(chunks, test.batches(chunks, num_workers)):
+        with autocast():
+            h = forward_prefix(model, site, x.to(device))
+        if cache is None:
+            print(_describe_cache(n, tuple(h.shape[1:]), h.dtype, point), flush=True)
+            try:
+                cache = PrefixCache(n, tuple(h.shape[1:]), h.dtype, max_cache_bytes)
+            except _NoRoom as e:
+                print(f"noisynn: {e}; every protocol runs the whole network instead", flush=True)
+                break
+        cache.put(idx, h)
+        images += len(idx)
+    return cache, images
+
+
+def _protocol_record(p: Pass, r: dict, spec: NoiseSpec, handle, n: int, test_batch_size: int, started: float) -> dict:
+    """A protocol's numbers for one setting, with the k its noise mixed and the theory's ΔS there."""
+    bs = p.batch_size or test_batch_size
+    k = handle.mixed_axis_size(bs) if p.noise_on and handle.last_input_shape else None
+    return {
+        "order": p.order,
+        "batch_size": bs,
+        "noise_applied": bool(p.noise_on and spec.kind != "none"),
+        "n": n,
+        "num_batches": r["num_batches"],
+        "top1": r["top1"],
+        "top5": r["top5"],
+        "released_metric_top1": r["released_metric_top1"],
+        "released_metric_top5": r["released_metric_top5"],
+        "mixed_axis_size": k,
+        "theory_delta_S": delta_entropy_for(spec, k) if p.noise_on else None,
+        "seconds": round(time.time() - started, 4),
+    }
+
+
+def _run_schedule(runner: _Runner, schedule: Schedule, group: _Group, handles: list, labels: np.ndarray,
+                  test_batch_size: int, bar) -> tuple[list[dict], dict]:
+    """Follow the schedule: run each pass (or take the result an earlier pass computed) and put it
+    in its setting's record; returns (the records, the per-image arrays)."""
+    n, seed = len(labels), group.seed
+    records = [{"setting": {k: v for k, v in s.items() if k != "sweeps"}, "noise": spec.to_dict(), "protocols": {},
+                **({"sweeps": {"batch_size": [], "purity": []}} if s.get("sweeps") else {})}
+               for s, spec in zip(group.settings, group.specs)]
+    keys = [_setting_key(s) for s in group.settings]
+    arrays = {"labels": labels}
+    computed: dict[tuple, dict] = {}
+    for p in schedule.passes:
+        handle, record, key = handles[p.setting], records[p.setting], keys[p.setting]
+        started = time.time()
+        handle.enabled = p.noise_on
+        handle.reseed(seed)  # every pass starts the noise's random stream afresh
+        if p.runs:
+            computed[p.result] = (_score_purity(runner, labels, p.m, seed) if p.part == "purity" else
+                                  _score(runner, batches_in_order(labels, p.order, p.batch_size or test_batch_size, seed),
+                                         labels, keep_logits=not p.noise_on))
+        r = computed[p.result]
+        if p.part in PROTOCOL_DEFS:
+            record["protocols"][p.part] = _protocol_record(p, r, group.specs[p.setting], handle, n, test_batch_size, started)
+            arrays[f"{key}/{p.part}/pred"], arrays[f"{key}/{p.part}/batch"] = r["pred"], r["batch"]
+            bar.update(1)
+        elif p.part == "batch_size":
+            record["sweeps"]["batch_size"].append({"order": p.order, "batch_size": p.batch_size, "top1": r["top1"], "n": n})
+            stem = batch_size_stem(p.order, p.batch_size)
+            arrays[f"{key}/{stem}/pred"], arrays[f"{key}/{stem}/batch"] = r["pred"], r["batch"]
+        elif p.part == "purity":
+            record["sweeps"]["purity"].append({"m": p.m, "batch_size": p.batch_size, "top1": r["top1"], "n": n})
+            arrays[f"{key}/{purity_stem(p.m)}/correct"], arrays[f"{key}/{purity_stem(p.m)}/batch"] = r["correct"], r["batch"]
+        else:  # the pooling control, from the clean protocol's logits
+            control, control_arrays = _pooling_control(r["logits"], labels, seed, test_batch_size)
+            record["sweeps"]["pooling_control"] = control
+            arrays.update({f"{key}/{k}": v for k, v in control_arrays.items()})
+        handle.enabled = False
+    return records, arrays
+
+
+def _cache_mode(use_prefix_cache: bool, site: str, point: str, cache: PrefixCache | None) -> str:
+    if not use_prefix_cache:
+        return "off"
+    if point == "image":
+        return "full-forward fallback" if site != "image" else "not needed (noise at the image)"
+    if cache is None:
+        return "none (no room)"
+    return "memory-mapped" if cache.on_disk else "memory"
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What every group of one evaluation call shares (checked)."""
+
+    protocols: tuple[str, ...]
+    test_batch_size: int
+    reported_metric: str
+    split: str
+    use_prefix_cache: bool
+    forward_batch_size: int
+    max_cache_bytes: int
+    num_workers: int
+    device: torch.device
+    autocast: object
+    dtype_name: str
+    progress: bool
+
+
+@torch.no_grad()
+def _evaluate_at_site(loaded: _Loaded, group: _Group, opt: _Options) -> tuple[dict, dict]:
+    """One group: its noises hooked in, the prefix pass, its schedule, its record."""
+    model, meta, data, test = loaded.model, loaded.meta, loaded.data, loaded.test
     labels = np.asarray(test.labels)
-    handles = [inject(model, site, sp, at_train=False, at_eval=True, seed=seed) for sp in specs]
+    site = group.site
+    handles = [inject(model, site, sp, at_train=False, at_eval=True, seed=group.seed) for sp in group.specs]
     for h in handles:
         h.enabled = False
     point = cache_point(model, site)
-    if any(sp.kind.startswith("linear") for sp in specs):
-        dry = meta_model(meta["model"], meta["num_classes"], meta["in_chans"])
-        batch_sizes = sorted({PROTOCOL_DEFS[p].batch_size or test_batch_size for p in protocols if PROTOCOL_DEFS[p].noise_on})
-        for bs in batch_sizes:
-            check_noises_act(dry, site, specs, (bs, data.in_chans, data.image_size, data.image_size),
-                             f"checkpoint {checkpoint} at site {site}")
-    model.to(dev).eval()
-
+    schedule = pass_schedule(group.settings, opt.protocols, labels, group.seed,
+                             cached=opt.use_prefix_cache and point != "image")
     t0 = time.time()
-    cache = None
-    prefix_images = 0
-    if use_prefix_cache and point != "image":
-        order = np.arange(len(labels))
-        chunks = [order[i : i + forward_batch_size] for i in range(0, len(order), forward_batch_size)]
-        for idx, (x, _) in zip(chunks, test.batches(chunks, num_workers)):
-            with autocast():
-                h = forward_prefix(model, site, x.to(dev))
-            if cache is None:
-                print(_describe_cache(len(labels), tuple(h.shape[1:]), h.dtype, point), flush=True)
-                try:
-                    cache = PrefixCache(len(labels), tuple(h.shape[1:]), h.dtype, max_cache_bytes)
-                except _NoRoom as e:
-                    print(f"noisynn: {e}; every protocol runs the whole network instead", flush=True)
-                    break
-            cache.put(idx, h)
-            prefix_images += len(idx)
+    cache, prefix_images = None, 0
+    if schedule.prefix_images:
+        cache, prefix_images = _prefix_pass(model, site, point, test, len(labels), opt.device, opt.autocast,
+                                            opt.forward_batch_size, opt.num_workers, opt.max_cache_bytes)
     prefix_seconds = time.time() - t0
-    runner = _Runner(model, site, test, labels, cache, dev, autocast, num_workers, forward_batch_size)
+    runner = _Runner(model, site, test, labels, cache, opt.device, opt.autocast, opt.num_workers, opt.forward_batch_size)
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(settings) * len(protocols), desc=f"evaluate {Path(checkpoint).parent.name} at {site}",
-               disable=not progress, mininterval=2, file=sys.stderr)
-    evaluations, arrays = [], {"labels": labels}
-    clean_cache: dict = {}
-    for setting, spec, handle in zip(settings, specs, handles):
-        handle.enabled = False
-        key = _setting_key(setting)
-        results = {}
-        for name in protocols:
-            p = PROTOCOL_DEFS[name]
-            bs = p.batch_size or test_batch_size
-            t1 = time.time()
-            handle.enabled = p.noise_on
-            handle.reseed(seed)
-            if not p.noise_on and name in clean_cache:
-                # the noise off: every setting of the group predicts what the plain model predicts
-                r = clean_cache[name]
-            else:
-                r = _score(runner, batches_in_order(labels, p.order, bs, seed), labels, keep_logits=name == "clean")
-                if not p.noise_on:
-                    clean_cache[name] = r
-            k = handle.mixed_axis_size(bs) if p.noise_on and handle.last_input_shape else None
-            results[name] = {
-                "order": p.order,
-                "batch_size": bs,
-                "noise_applied": bool(p.noise_on and spec.kind != "none"),
-                "n": len(labels),
-                "num_batches": r["num_batches"],
-                "top1": r["top1"],
-                "top5": r["top5"],
-                "released_metric_top1": r["released_metric_top1"],
-                "released_metric_top5": r["released_metric_top5"],
-                "mixed_axis_size": k,
-                "theory_delta_S": delta_entropy_for(spec, k) if p.noise_on else None,
-                "seconds": round(time.time() - t1, 4),
-            }
-            arrays[f"{key}/{name}/pred"] = r["pred"]
-            arrays[f"{key}/{name}/batch"] = r["batch"]
-            bar.update(1)
-        handle.enabled = False
-        record = {"setting": {k: v for k, v in setting.items() if k != "sweeps"}, "noise": spec.to_dict(),
-                  "protocols": results}
-        if setting.get("sweeps"):
-            sweep, sweep_arrays = _sweeps(runner, handle, labels, seed, noise_on=True)
-            handle.enabled = False
-            if "clean" not in clean_cache:
-                clean_cache["clean"] = _score(runner, batches_in_order(labels, "shuffled", test_batch_size, seed), labels,
-                                              keep_logits=True)
-            control, control_arrays = _pooling_control(clean_cache["clean"]["logits"], labels, seed, test_batch_size)
-            record["sweeps"] = {**sweep, "pooling_control": control}
-            arrays.update({f"{key}/{k}": v for k, v in {**sweep_arrays, **control_arrays}.items()})
-        evaluations.append(record)
+    bar = tqdm(total=len(group.settings) * len(opt.protocols), desc=f"evaluate {loaded.checkpoint.parent.name} at {site}",
+               disable=not opt.progress, mininterval=2, file=sys.stderr)
+    evaluations, arrays = _run_schedule(runner, schedule, group, handles, labels, opt.test_batch_size, bar)
     bar.close()
     for h in handles:
         h.remove()
     if cache is not None:
         cache.close()
     total = time.time() - t0
+    trained_on = meta.get("data_fingerprint")
     result = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(loaded.checkpoint),
         "model": meta["model"]["timm_name"],
-        "data_dir": str(data_dir),
+        "data_dir": str(loaded.data_dir),
         "data_fingerprint": data.fingerprint,
-        "split": split,
+        "split": opt.split,
         "site": site,
         "cache_point": point,
-        "prefix_cache": ("off" if not use_prefix_cache else "full-forward fallback" if point == "image" and site != "image"
-                         else "memory-mapped" if cache is not None and cache.on_disk else "memory" if cache is not None
-                         else "none (no room)" if point != "image" else "not needed (noise at the image)"),
-        "dtype": dtype_name,  # of the autocast, float32 without one
+        "prefix_cache": _cache_mode(opt.use_prefix_cache, site, point, cache),
+        "dtype": opt.dtype_name,  # of the autocast, float32 without one
         "prefix_cache_dtype": _dtype_name(cache.dtype) if cache is not None else None,
-        "device": dev.type,
-        "test_batch_size": test_batch_size,
-        "forward_batch_size": forward_batch_size,
-        "reported_metric": reported_metric,
+        "device": opt.device.type,
+        "test_batch_size": opt.test_batch_size,
+        "forward_batch_size": opt.forward_batch_size,
+        "reported_metric": opt.reported_metric,
         # how the test images were fed (an image folder's preprocess; None: embedded data, normalized when prepared)
         "preprocess": (data.test_transform or {}).get("preprocess"),
         "test_transform": data.test_transform,
@@ -454,15 +612,72 @@ def evaluate_group(
         "images_per_second": round((runner.images + prefix_images) / max(total, 1e-9), 1),
         # through the network up to the cache point, and from it on (every image of a full pass, without the cache)
         "forward_images": {"prefix": prefix_images, "suffix": runner.images},
-        "other_data": other_data,
+        "other_data": loaded.other_data,
         "checkpoint_data_fingerprint": trained_on,
         "checkpoint_train_args": meta.get("train_args"),
         # k of the checkpoint's fine-tuning (each protocol's own k is its batch_size)
         "checkpoint_noise_batch": meta.get("noise_batch"),
         "evaluations": evaluations,
-        **provenance(seed),
+        **provenance(group.seed),
     }
     return result, arrays
+
+
+def evaluate_groups(
+    checkpoint: Path,
+    data_dir: Path,
+    groups: list[dict],
+    protocols: tuple[str, ...] = PROTOCOLS,
+    test_batch_size: int = 10,
+    reported_metric: str = "running",
+    split: str = "test",
+    use_prefix_cache: bool = True,
+    forward_batch_size: int = 256,
+    max_cache_bytes: int = RAM_CACHE_BYTES,
+    num_workers: int = 0,
+    device: str | None = None,
+    amp: bool | None = None,
+    amp_dtype: str = "bfloat16",
+    progress: bool = True,
+    allow_other_data: bool = False,
+) -> Iterator[tuple[dict, dict]]:
+    """Evaluate groups of one checkpoint under each protocol, the checkpoint and the data read once.
+
+    ``groups``: dicts with ``site``, ``seed`` and ``settings``, the settings of one site: dicts with
+    ``noise_params`` (a noise mapping) and, from the grid, the setting's record (``vocab.Evaluation``
+    fields); ``sweeps: true`` also runs the sweeps and the control. Yields, group by group, (the
+    group's JSON-ready result, the per-image arrays for its predictions file), each what the group
+    evaluated alone gives; the passes of a group are ``pass_schedule``'s.
+    ``forward_batch_size``: images per forward call, in the prefix pass and in the suffix (where test
+    batches are joined, each noised alone); the results do not depend on it beyond float rounding.
+    ``device`` (default: CUDA where there is one, else the CPU); ``amp``: autocast to ``amp_dtype``
+    (``bfloat16`` or ``float16``), on any device; None (the default) means on CUDA only, so that
+    CPU results are float32 unless asked otherwise.
+
+    Everything a user can get wrong is refused before the first prefix pass: the settings, the
+    checkpoint and the data (each checked as it is read), data other than the checkpoint's (its
+    fingerprint; ``allow_other_data`` accepts it and records ``other_data: true``), and a noise that
+    the site makes the identity (a dry forward on the meta device, ``models.checks.check_noises_act``).
+    """
+    checked = _check_options(protocols, test_batch_size, reported_metric, num_workers, forward_batch_size, split)
+    parsed = [_read_group(g["site"], g["seed"], g["settings"]) for g in groups]
+    dev, autocast, dtype_name = autocast_for(device, amp, amp_dtype)
+    loaded = _load(Path(checkpoint), Path(data_dir), parsed, split, allow_other_data)
+    for group in parsed:
+        _check_noises_act(loaded, group, checked, test_batch_size)
+    loaded.model.to(dev).eval()
+    opt = _Options(checked, test_batch_size, reported_metric, split, use_prefix_cache, forward_batch_size,
+                   max_cache_bytes, num_workers, dev, autocast, dtype_name, progress)
+    for group in parsed:
+        yield _evaluate_at_site(loaded, group, opt)
+
+
+def evaluate_group(checkpoint: Path, data_dir: Path, site: str, settings: list[dict], seed: int = 0,
+                   **options) -> tuple[dict, dict]:
+    """Every setting of one group (same checkpoint, same site) under each protocol: ``evaluate_groups``
+    of this group alone (``options``: its keyword arguments)."""
+    (only,) = evaluate_groups(checkpoint, data_dir, [{"site": site, "seed": seed, "settings": settings}], **options)
+    return only
 
 
 def prediction_arrays(arrays: dict, setting: dict) -> dict:

@@ -49,7 +49,7 @@ def batches_in_order(labels: np.ndarray, order: str, batch_size: int, seed: int 
 def forward_calls(batches: list[np.ndarray], max_images: int) -> list[list[np.ndarray]]:
     """Consecutive test batches grouped into forward calls of at most ``max_images`` images
     (a batch larger than that is a call of its own); each batch is still noised alone
-    (``inject.joined_batches``)."""
+    (``inject.hook.joined_batches``)."""
     calls: list[list[np.ndarray]] = []
     size = 0
     for b in batches:

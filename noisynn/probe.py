@@ -122,7 +122,7 @@ def probe(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 
           injections=(), seed: int = 0) -> ProbeResult:
     """Probe ``model`` (in train or eval mode) on random images of ``input_size`` (C, H, W).
 
-    ``injections``: noise handles hooked into the model (``inject.inject``), reseeded before each
+    ``injections``: noise handles hooked into the model (``inject.hook.inject``), reseeded before each
     pass so a random noise draws the same values twice. The model's mode and state are restored.
     """
     if batch_size < 2:

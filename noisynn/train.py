@@ -35,7 +35,7 @@ from noisynn import resume
 from noisynn.data import load_dataset
 from noisynn.distributed import Distributed
 from noisynn.errors import UserError
-from noisynn.inject import inject, joined_batches
+from noisynn.inject.hook import inject, joined_batches
 from noisynn.io.atomic import atomic_write_text, remove_stale_temp_files
 from noisynn.io.guards import check_not_an_input, check_output_folder
 from noisynn.io.locks import run_lock
@@ -189,12 +189,12 @@ def correct_per_image(model, split, batches: list[np.ndarray], device, num_worke
                       amp: bool = False) -> np.ndarray:
     """Whether each image of a split is classified correctly when cut into ``batches`` (what a noise
     on the batch axis mixes; images in no batch count as wrong); up to 256 images share a forward
-    call, each batch noised alone (``inject.joined_batches``); ``amp``: under bf16 autocast."""
+    call, each batch noised alone (``inject.hook.joined_batches``); ``amp``: under bf16 autocast."""
     model.eval()
     hits = np.zeros(len(split), dtype=bool)
     calls = forward_calls(batches, 256)
     for call, (x, y) in zip(calls, split.batches([np.concatenate(c) for c in calls], num_workers)):
-        with joined_batches([len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with joined_batches(model, [len(b) for b in call]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x.to(device, non_blocking=True))
         hits[np.concatenate(call)] = (logits.argmax(-1).cpu() == y).numpy()
     return hits
@@ -431,7 +431,7 @@ def train(cfg: TrainConfig, stop_after_steps: int | None = None, overwrite: bool
     dry = meta_model(model_cfg, data.num_classes, data.in_chans)
     check_forward(dry, (min(cfg.batch_size, 2), data.in_chans, data.image_size, data.image_size), what)
     if cfg.site:  # named without a noise too: a site the model lacks is a mistake either way
-        from noisynn.inject import check_site
+        from noisynn.inject.sites import check_site
 
         check_site(model, cfg.site)
     if spec.kind != "none":

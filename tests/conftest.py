@@ -22,6 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+
+from noisynn.errors import UserError
+from noisynn.pipeline.config import validate_config
+from noisynn.pipeline.model_checks import check_models_and_sites
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The recipes are the known-good ones of the project (~96 % / ~99 % val on digits at 16 px), with
 # fewer epochs to keep the session short; both stay well above the 90 % / 95 % the tests ask for.
@@ -187,3 +194,28 @@ def assert_user_error(excinfo, *fragments: str) -> None:
     assert "\n" not in msg and msg.strip().endswith(".")
     for fragment in fragments:
         assert fragment in msg, f"{fragment!r} not in {msg!r}"
+
+
+def tiny_config() -> dict:
+    return yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+
+
+def config_refused(config: dict, key: str, *names: str) -> str:
+    """The workflow's parse-time checks refuse ``config`` naming the file and ``key``."""
+    with pytest.raises(UserError) as err:
+        cfg = validate_config(config, "config/mine.yaml")
+        check_models_and_sites(cfg, "config/mine.yaml", None, isolate=False)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.endswith(".")
+    assert msg.startswith(f"config/mine.yaml: key {key}:"), msg
+    for name in names:
+        assert name in msg, f"{name!r} not in {msg}"
+    return msg
+
+
+def _digest(*paths: Path) -> dict[str, str]:
+    """The bytes of each file under ``paths``, so that a test can say an input is intact."""
+    import hashlib
+
+    files = [f for p in map(Path, paths) for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}

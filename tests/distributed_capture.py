@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from noisynn.inject import Injection
+from noisynn.inject.hook import Injection
 from noisynn.train import TrainConfig, train
 
 OPTIMAL = {"kind": "linear-optimal", "axis": "batch"}

@@ -12,7 +12,7 @@ import torch
 
 from noisynn.data import load_dataset
 from noisynn.distributed import Distributed
-from noisynn.inject import inject
+from noisynn.inject.hook import inject
 from noisynn.models.checkpoints import load_checkpoint
 from noisynn.noise import NoiseSpec
 from noisynn.train import validate

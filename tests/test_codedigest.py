@@ -82,8 +82,19 @@ def test_a_training_without_noise_runs_no_module_its_digest_leaves_out(digits_di
         train(cfg)
     finally:
         sys.setprofile(None)
-    assert {"noisynn.train", "noisynn.inject", "noisynn.noise"} <= ran
+    assert {"noisynn.train", "noisynn.inject.hook", "noisynn.noise"} <= ran
     assert ran <= set(codedigest.step_code("pretrain"))
+
+
+def test_a_model_family_registration_reruns_every_step_that_injects(package):
+    """The families are registered by noisynn/inject/__init__.py, which no step names in an import:
+    a real import runs a package's __init__ first, and so does the digest."""
+    before = codedigest.all_digests()
+    _edit(package / "inject" / "families.py", "stream_bytes=2,  # the maps are in the autocast dtype\n))",
+          "stream_bytes=4,\n))")
+    changed = _changed(before, codedigest.all_digests())
+    assert {"evaluate", "finetune", "pretrain", "import_weights"} <= changed
+    assert not {"prepare", "aggregate", "report"} & changed
 
 
 def test_the_reporting_code_reruns_the_report_only(package):

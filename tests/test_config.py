@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import config_refused, tiny_config
 
 from noisynn.errors import UserError
 from noisynn.pipeline.config import load_config, validate_config
@@ -68,15 +69,6 @@ def test_each_mistake_is_one_sentence_naming_file_and_key(edit, key, expected):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("config/mine.yaml: key ") and key in msg and expected in msg
-
-
-def test_missing_or_unparsable_config_file(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        load_config(tmp_path / "nope.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("dataset: [unclosed\n")
-    with pytest.raises(UserError, match="not valid YAML"):
-        load_config(bad)
 
 
 # The weights the released code loads (github.com/Shawey94/NoisyNN @719ccf6), by the file they come
@@ -152,3 +144,44 @@ def test_the_paper_config_declares_the_released_k():
     cfg = yaml.safe_load((REPO / "config/paper-imagenet.yaml").read_text())
     assert cfg["finetune"]["noise_batch"] == cfg["finetune"]["batch_size"] == 16
     assert all(m["resources"]["gpu"] == 1 for m in cfg["models"].values())
+
+
+def test_config_augment_beside_the_released_preprocess(image_folder):
+    cfg = tiny_config()
+    cfg["dataset"] = {"name": "folder", "kind": "imagefolder", "root": str(image_folder), "image_size": 8}
+    cfg["models"]["vit"].update(preprocess="released", augment={"scale": [0.5, 1.0]})
+    config_refused(cfg, "models.vit.augment", "preprocess: released")
+
+
+def test_config_schedule_at_learning_rate_zero():
+    cfg = tiny_config()
+    cfg["finetune"].update(epochs=1, warmup_epochs=1)
+    config_refused(cfg, "finetune.warmup_epochs", "learning rate 0")
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda d, good: (d / "weights.pth").write_bytes(good), ".safetensors"),
+        (lambda d, good: (d / "weights.safetensors").write_bytes(good[:-64]), "cut short"),
+    ],
+    ids=["not-safetensors", "truncated"],
+)
+def test_config_pretrained_file_that_is_no_safetensors_file(make, why, resnet_run, tmp_path):
+    make(tmp_path, resnet_run.checkpoint.read_bytes())
+    weights = next(tmp_path.iterdir())
+    cfg = tiny_config()
+    cfg["models"]["resnet"]["pretrained"] = str(weights)
+    config_refused(cfg, "models.resnet.pretrained", str(weights), why)
+
+
+@pytest.mark.parametrize(("index", "key", "value", "why"),
+                         [(1, "strength", [0.5, 0], "identity"), (4, "alpha", [0.0], "identity"),
+                          (1, "strength", [float("inf")], "finite"), (2, "strength", [float("nan")], "finite")],
+                         ids=["gaussian-strength-0", "shift-alpha-0", "gaussian-inf", "impulse-nan"])
+def test_config_noise_that_is_the_identity_or_not_finite(index, key, value, why):
+    # the parse-time check a dry run (snakemake -n) and a real run both make before any job
+    cfg = tiny_config()
+    assert cfg["noises"][index].get(key) is not None
+    cfg["noises"][index][key] = value
+    config_refused(cfg, f"noises.{index}.{key}.{len(value) - 1}", why)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noisynn.evaluate import evaluate_group
+from noisynn.evaluate import evaluate_group, pass_schedule
 from noisynn.models.build import meta_model
 from noisynn.pipeline.config import load_config
-from noisynn.pipeline.cost import estimate, forward_images, measure_split, read_throughput
+from noisynn.pipeline.cost import estimate, measure_split, read_throughput
 from noisynn.vocab import PROTOCOLS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_the_passes_counted_are_the_passes_the_evaluation_runs(vit_run, digits_d
         protocols = PROTOCOLS
     result, arrays = evaluate_group(vit_run.checkpoint, digits_dir, site, settings, protocols=protocols,
                                     progress=False)
-    counted = forward_images(settings, protocols, arrays["labels"], 0, cached=site != "image")
+    counted = pass_schedule(settings, protocols, arrays["labels"], 0, cached=site != "image").forward_images
     assert counted == result["forward_images"]
     if site != "image":
         assert counted["prefix"] == len(arrays["labels"])
@@ -118,14 +118,6 @@ def test_a_transfer_config_counts_the_model_the_evaluation_sees():
     seen = meta_model({"timm_name": vit["timm_name"], "kwargs": {**vit["kwargs"], "img_size": 16}}, 10, 1)
     assert rows["vit"]["gflops"] * 1e9 == measure_split(seen, "image", 1, 16).flops
     assert rows["vit"]["image_size"] == 16
-
-
-def test_the_estimate_knows_where_the_evaluation_keeps_its_cache_in_ram():
-    import inspect
-
-    from noisynn.pipeline.cost import RAM_CACHE_BYTES
-
-    assert inspect.signature(evaluate_group).parameters["max_cache_bytes"].default == RAM_CACHE_BYTES
 
 
 @pytest.mark.slow

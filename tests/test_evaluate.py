@@ -279,3 +279,68 @@ def test_running_top5_is_the_released_vit_code_s_running_mean_of_top5():
         running.append(right / seen)
     assert r["released_metric_top5"] == pytest.approx(np.mean(running), abs=1e-12)
     assert r["released_metric_top5"] != pytest.approx(r["top5"], abs=1e-3)
+
+
+# what differs between two runs of the same evaluation: the clock, and so the predictions file's
+# bytes (a zip member records its time) and the hash the JSON gives of it
+_TIMINGS = {"seconds", "prefix_seconds", "total_seconds", "images_per_second"}
+
+
+def _untimed(record):
+    if isinstance(record, dict):
+        return {k: None if k in _TIMINGS or (k == "sha256") else _untimed(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [_untimed(v) for v in record]
+    return record
+
+
+def test_one_process_over_a_checkpoint_s_groups_writes_what_one_process_per_group_writes(vit_run, digits_dir, tmp_path):
+    """The workflow's two groupings (evaluate.jobs): the groups of a checkpoint at several sites and
+    seeds in one `noisynn evaluate --groups`, or each alone, give the same files, every array bit for bit."""
+    from noisynn.cli import main
+
+    def setting(noise, site, seed, sweeps=False):
+        return {"noise": noise["kind"], "apply": "eval", "site": site, "seed": seed, "noise_params": noise,
+                **({"sweeps": True} if sweeps else {})}
+
+    gauss = {"kind": "gaussian", "strength": 0.5}
+    groups = [{"site": site, "seed": seed, "settings": settings(site, seed)}
+              for seed in (0, 1)
+              for site, settings in [
+                  (vit_run.last_site, lambda site, seed: [setting({"kind": "none"}, "none", seed),
+                                                          setting(OPTIMAL_BATCH, site, seed, sweeps=True),
+                                                          setting(gauss, site, seed)]),
+                  ("blocks.1.attn", lambda site, seed: [setting(OPTIMAL_BATCH, site, seed)]),
+                  ("image", lambda site, seed: [setting(gauss, site, seed)])]]
+    common = ["evaluate", "--checkpoint", str(vit_run.checkpoint), "--data", str(digits_dir)]
+    for g in groups:
+        stem = f"{g['site']}_seed{g['seed']}"
+        g["out"], g["predictions"] = str(tmp_path / "grouped" / f"{stem}.json"), str(tmp_path / "grouped" / f"{stem}.npz")
+        assert main([*common, "--site", g["site"], "--seed", str(g["seed"]), "--settings", json.dumps(g["settings"]),
+                     "--out", str(tmp_path / "alone" / f"{stem}.json"),
+                     "--predictions", str(tmp_path / "alone" / f"{stem}.npz")]) == 0
+    assert main([*common, "--groups", json.dumps(groups)]) == 0
+    for g in groups:
+        stem = f"{g['site']}_seed{g['seed']}"
+        alone, grouped = (json.loads((tmp_path / kind / f"{stem}.json").read_text()) for kind in ("alone", "grouped"))
+        assert _untimed(grouped) == _untimed(alone), stem
+        a, b = np.load(tmp_path / "alone" / f"{stem}.npz"), np.load(tmp_path / "grouped" / f"{stem}.npz")
+        assert a.files == b.files, stem
+        for key in a.files:
+            assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), (stem, key)
+
+
+def test_logit_pooling_takes_each_batch_mean():
+    """The noise-free control: each image takes the mean logits of its batch."""
+    from noisynn.evaluate import logit_pooling
+
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [4.0, 0.0]])
+    assert np.array_equal(logits.argmax(axis=1), [0, 1, 1, 0])  # what the images say alone
+    # batch {0, 1}: mean (1, 0.5) → 0; batch {2, 3}: mean (2, 1.5) → 0.
+    assert np.array_equal(logit_pooling(logits, [np.array([0, 1]), np.array([2, 3])]), [0, 0, 0, 0])
+    # batch {0, 2}: mean (1, 1.5) → 1; batch {1, 3}: mean (2, 0.5) → 0.
+    assert np.array_equal(logit_pooling(logits, [np.array([0, 2]), np.array([1, 3])]), [1, 0, 1, 0])
+    # Batches of one leave every image its own prediction.
+    assert np.array_equal(logit_pooling(logits, [np.array([i]) for i in range(4)]), [0, 1, 1, 0])
+    with pytest.raises(UserError, match="exactly one batch"):
+        logit_pooling(logits, [np.array([0, 1]), np.array([1, 2, 3])])

@@ -136,3 +136,34 @@ def test_without_finetuning_every_evaluation_uses_the_weights_as_loaded(tmp_path
     assert {grid.checkpoint(e) for e in grid.evaluations} == {
         f"results/digits-tiny/{m}/imported/model.safetensors" for m in cfg["models"]}
     assert not any(e.trains_with_noise for e in grid.evaluations)
+
+
+def test_the_groups_of_a_checkpoint_make_one_job_over_its_sites_and_its_seeds_where_they_share_it():
+    import re
+
+    grid = Grid(load_config(REPO / "config/config.yaml"))
+    jobs = grid.checkpoint_jobs()
+    # every group in one job, on that job's checkpoint: the jobs write exactly the per-group files
+    assert sorted(g.path for j in jobs for g in j.groups) == sorted(grid.group_files())
+    assert all(g.checkpoint == j.checkpoint for j in jobs for g in j.groups)
+    # one job per checkpoint (the 22 fine-tunings), each with a distinct rule name
+    assert len(jobs) == len({j.checkpoint for j in jobs}) == len(grid.checkpoint_files()) == 22
+    assert len({j.name for j in jobs}) == len(jobs) and all(re.fullmatch(r"\w+", j.name) for j in jobs)
+    # a seed's vanilla fine-tuning: the default site's pass and the three other layer-sweep sites
+    vanilla = next(j for j in jobs if j.folder == "vit/finetune/noise~none/site~none/seed~0")
+    assert [g.site for g in vanilla.groups] == ["blocks.3.attn", "blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+
+    # without fine-tuning every seed evaluates the same weights: one job per model, over its sites and seeds;
+    # model names that differ in punctuation alone still name distinct jobs
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["finetune"] = None
+    cfg["seeds"] = [0, 1]
+    cfg["models"] = {"vit-a": cfg["models"]["vit"], "vit_a": cfg["models"]["vit"]}
+    for entry in cfg["noises"]:
+        entry.pop("apply", None)
+    grid = Grid(validate_config(cfg, "my.yaml", check_folders=False))
+    jobs = grid.checkpoint_jobs()
+    assert [j.checkpoint for j in jobs] == [f"results/digits-tiny/{m}/pretrain/model.safetensors" for m in ("vit-a", "vit_a")]
+    assert [j.name for j in jobs] == ["vit_a_pretrain", "vit_a_pretrain_2"]
+    assert {(g.site, g.seed) for g in jobs[0].groups} == {(site, seed) for site in ("blocks.1.attn", "blocks.0.attn")
+                                                          for seed in (0, 1)}

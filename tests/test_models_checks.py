@@ -83,11 +83,11 @@ def test_a_shape_bug_in_the_forward_is_refused_by_both_checks():
 
 
 def test_an_error_of_the_noise_code_is_not_taken_for_the_meta_device(monkeypatch):
-    from noisynn import inject
+    from noisynn.inject.hook import Injection
 
     def broken(self, module, args):
         raise RuntimeError("index 3 is out of bounds for dimension 0 with size 2")
 
-    monkeypatch.setattr(inject.Injection, "apply", broken)
+    monkeypatch.setattr(Injection, "apply", broken)
     with pytest.raises(RuntimeError, match="out of bounds"):
         check_noises_act(meta_model(RESNET_MODEL, 10, 1), SITE, LINEAR, SHAPE, "model resnet at layer4.0")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from noisynn.cli import main
-from noisynn.inject import inject
+from noisynn.inject.hook import inject
 from noisynn.noise import NoiseSpec
 from noisynn.probe import probe
 

@@ -324,19 +324,6 @@ def test_batch_dependence_counts_changed_predictions():
     assert not stats.is_transductive(0.0)
 
 
-def test_logit_pooling_takes_each_batch_mean():
-    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [4.0, 0.0]])
-    assert np.array_equal(logits.argmax(axis=1), [0, 1, 1, 0])  # what the images say alone
-    # batch {0, 1}: mean (1, 0.5) → 0; batch {2, 3}: mean (2, 1.5) → 0.
-    assert np.array_equal(stats.logit_pooling(logits, [np.array([0, 1]), np.array([2, 3])]), [0, 0, 0, 0])
-    # batch {0, 2}: mean (1, 1.5) → 1; batch {1, 3}: mean (2, 0.5) → 0.
-    assert np.array_equal(stats.logit_pooling(logits, [np.array([0, 2]), np.array([1, 3])]), [1, 0, 1, 0])
-    # Batches of one leave every image its own prediction.
-    assert np.array_equal(stats.logit_pooling(logits, [np.array([i]) for i in range(4)]), [0, 1, 1, 0])
-    with pytest.raises(UserError, match="exactly one batch"):
-        stats.logit_pooling(logits, [np.array([0, 1]), np.array([1, 2, 3])])
-
-
 try:
     from hypothesis import given, settings
     from hypothesis import strategies as st

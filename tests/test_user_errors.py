@@ -7,14 +7,15 @@ it is found before the expensive step (an evaluation never reaches its prefix pa
 that looks finished is left behind; and nothing wrong is accepted in silence (other data than the
 checkpoint's, non-finite weights, a schedule at learning rate 0, a noise that its site makes the
 identity, a dataset file changed after ``prepare``). Also: checkpoints are readable by the group,
-a run folder is left without temp files, and two trainings cannot share one run folder.
+a run folder is left without temp files, and two trainings cannot share one run folder. The config
+check's refusals one by one are tested with the module that makes each (tests/test_config.py,
+test_datasets.py, test_model_checks.py).
 
 Most cases call ``noisynn.cli.main`` in-process (fast); a few run ``python -m noisynn``.
 """
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
 import os
@@ -26,13 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import RESNET_MODEL, cli_env, write_image_folder
+from conftest import RESNET_MODEL, _digest, cli_env, config_refused, tiny_config, write_image_folder
 
 from noisynn.cli import main
-from noisynn.errors import UserError
-from noisynn.pipeline.config import validate_config
-from noisynn.pipeline.model_checks import check_models_and_sites
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_EPOCH = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 0}
@@ -103,23 +100,6 @@ def copy_checkpoint(src: Path, dst_dir: Path) -> Path:
 def copy_data(digits_dir: Path, dst: Path) -> Path:
     shutil.copytree(digits_dir, dst)
     return dst
-
-
-def tiny_config() -> dict:
-    return yaml.safe_load((REPO / "config/tiny.yaml").read_text())
-
-
-def config_refused(config: dict, key: str, *names: str) -> str:
-    """The workflow's parse-time checks refuse ``config`` naming the file and ``key``."""
-    with pytest.raises(UserError) as err:
-        cfg = validate_config(config, "config/mine.yaml")
-        check_models_and_sites(cfg, "config/mine.yaml", None, isolate=False)
-    msg = str(err.value)
-    assert "\n" not in msg and msg.endswith(".")
-    assert msg.startswith(f"config/mine.yaml: key {key}:"), msg
-    for name in names:
-        assert name in msg, f"{name!r} not in {msg}"
-    return msg
 
 
 # --- 1. output paths, checked before any work -------------------------------------------------
@@ -232,6 +212,21 @@ def test_finetune_negative_seed(resnet_run, digits_dir, tmp_path, capsys):
 def test_evaluate_option_mistakes(extra, names, resnet_run, digits_dir, tmp_path, capsys):
     refused(capsys, evaluate(resnet_run.checkpoint, digits_dir, tmp_path / "e.json", *extra), *names)
     assert not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_groups_mistakes_are_refused_before_the_first_group_runs(resnet_run, digits_dir, tmp_path, capsys):
+    """`evaluate --groups` (the workflow's job per checkpoint): a mistake in any group stops the job
+    before the first prefix pass, naming the entry."""
+    none = [{"noise_params": {"kind": "none"}}]
+    first = {"site": "layer4.0", "settings": none, "out": str(tmp_path / "a.json")}
+    command = ["evaluate", "--checkpoint", resnet_run.checkpoint, "--data", digits_dir, "--groups"]
+    refused(capsys, [*command, json.dumps([first]), "--out", tmp_path / "b.json"], "--groups", "--out")
+    refused(capsys, [*command, json.dumps([first, {"site": "layer4.0", "settings": none}])], "--groups entry 1", "out")
+    refused(capsys, [*command, json.dumps([first, {**first, "site": "layer3.0"}])], "--groups entry 1 out",
+            "--groups entry 0 out")
+    refused(capsys, [*command, json.dumps([first, {**first, "site": "layer9.9", "out": str(tmp_path / "c.json")}])],
+            "layer9.9")
+    assert not list(tmp_path.iterdir())
 
 
 # --- 1. broken dataset files ------------------------------------------------------------------
@@ -447,110 +442,6 @@ def test_training_that_diverges_stops_with_a_sentence(resnet_run, digits_dir, tm
     assert not (tmp_path / "run" / ".lock").exists()
 
 
-# --- 3. the workflow's config check, before any job ---------------------------------------------
-
-
-def test_config_site_the_model_lacks():
-    cfg = tiny_config()
-    cfg["models"]["vit"]["site"] = "blocks.5.attn"  # a 2-block ViT
-    config_refused(cfg, "models.vit.site", "'blocks.5.attn'", "blocks.1.attn")
-
-
-def test_config_layer_sweep_site_the_model_lacks():
-    cfg = tiny_config()
-    cfg["models"]["resnet"]["layer_sweep_sites"] = ["layer3.0", "layer9.0"]
-    config_refused(cfg, "models.resnet.layer_sweep_sites.1", "'layer9.0'", "layer4.0")
-
-
-def test_config_noise_that_its_site_makes_the_identity():
-    cfg = tiny_config()
-    cfg["noises"][3]["axis"] = ["batch", "rows"]  # the tiny ResNet's layer4.0 sees 1×1 maps of 8 px digits
-    config_refused(cfg, "noises.3.axis", "resnet", "layer4.0", "identity")
-
-
-def test_config_released_preprocess_of_a_family_the_released_code_lacks(image_folder):
-    # the released code has transforms for its ViTs and ResNets only (docs/paper.md §4.1)
-    cfg = tiny_config()
-    cfg["dataset"] = {"name": "folder", "kind": "imagefolder", "root": str(image_folder), "image_size": 8}
-    cfg["models"]["vit"] = {"timm_name": "convnext_atto", "site": "stages.3", "preprocess": "released"}
-    config_refused(cfg, "models.vit.preprocess", "convnext_atto", "preprocess: timm")
-
-
-def test_config_augment_beside_the_released_preprocess(image_folder):
-    cfg = tiny_config()
-    cfg["dataset"] = {"name": "folder", "kind": "imagefolder", "root": str(image_folder), "image_size": 8}
-    cfg["models"]["vit"].update(preprocess="released", augment={"scale": [0.5, 1.0]})
-    config_refused(cfg, "models.vit.augment", "preprocess: released")
-
-
-def test_config_model_that_cannot_take_the_data():
-    cfg = tiny_config()
-    cfg["models"]["vit"]["kwargs"]["img_size"] = 16  # the dataset is 8 px
-    config_refused(cfg, "models.vit.kwargs", "16×16", "8×8")
-
-
-def test_config_kwargs_that_build_a_broken_model():
-    cfg = tiny_config()
-    cfg["models"]["resnet"]["kwargs"]["layers"] = [1, 1]
-    config_refused(cfg, "models.resnet.kwargs", "cannot run")
-
-
-def test_config_schedule_at_learning_rate_zero():
-    cfg = tiny_config()
-    cfg["finetune"].update(epochs=1, warmup_epochs=1)
-    config_refused(cfg, "finetune.warmup_epochs", "learning rate 0")
-
-
-@pytest.mark.parametrize(
-    ("make", "why"),
-    [
-        (lambda d, good: (d / "weights.pth").write_bytes(good), ".safetensors"),
-        (lambda d, good: (d / "weights.safetensors").write_bytes(good[:-64]), "cut short"),
-    ],
-    ids=["not-safetensors", "truncated"],
-)
-def test_config_pretrained_file_that_is_no_safetensors_file(make, why, resnet_run, tmp_path):
-    make(tmp_path, resnet_run.checkpoint.read_bytes())
-    weights = next(tmp_path.iterdir())
-    cfg = tiny_config()
-    cfg["models"]["resnet"]["pretrained"] = str(weights)
-    config_refused(cfg, "models.resnet.pretrained", str(weights), why)
-
-
-def test_config_pretrained_weights_that_do_not_fit_the_model(resnet_run):
-    cfg = tiny_config()
-    cfg["models"]["vit"]["pretrained"] = str(resnet_run.checkpoint)  # a ResNet's weights for the ViT
-    config_refused(cfg, "models.vit.pretrained", str(resnet_run.checkpoint), "do not fit")
-
-
-def test_config_empty_class_folder(image_folder):
-    for f in (image_folder / "train" / "emu").glob("*.png"):
-        f.unlink()
-    (image_folder / "train" / "emu" / "notes.txt").write_text("no image")
-    cfg = tiny_config()
-    cfg["dataset"] = {"name": "folder", "kind": "imagefolder", "root": str(image_folder), "image_size": 8}
-    config_refused(cfg, "dataset.root", str(image_folder / "train" / "emu"), "no images")
-
-
-def test_config_check_is_cached_and_runs_torch_in_a_subprocess(tmp_path, monkeypatch):
-    cache = tmp_path / ".snakemake" / "checked-models.json"
-    cfg = validate_config(tiny_config(), "config/tiny.yaml")
-    check_models_and_sites(cfg, "config/tiny.yaml", cache, isolate=False)  # both models built once
-    assert len(json.loads(cache.read_text())) == 2
-
-    def no_subprocess(*args, **kwargs):
-        raise AssertionError("a cached model was checked again")
-
-    monkeypatch.setattr(subprocess, "run", no_subprocess)
-    check_models_and_sites(cfg, "config/tiny.yaml", cache)  # a no-op workflow run: nothing to check
-    monkeypatch.undo()
-
-    wrong = copy.deepcopy(cfg)
-    wrong["models"]["vit"]["site"] = "blocks.5.attn"  # a changed site is checked again, in the subprocess
-    with pytest.raises(UserError, match=r"^config/tiny.yaml: key models.vit.site: site 'blocks.5.attn'"):
-        check_models_and_sites(wrong, "config/tiny.yaml", cache)
-
-
 # --- 5. outputs: group-readable, no temp files, one writer per run folder ---------------------
 
 
@@ -622,14 +513,6 @@ def test_cost_mistakes_are_one_sentence(tmp_path, capsys):
 # --- 6. what still got through (issue 22): each class refused before the work -----------------
 
 
-def _digest(*paths: Path) -> dict[str, str]:
-    """The bytes of each file under ``paths``, so that a test can say an input is intact."""
-    import hashlib
-
-    files = [f for p in map(Path, paths) for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
 IDENTITY_NOISES = [({"kind": "gaussian", "strength": 0}, "strength"), ({"kind": "linear-shift", "alpha": 0.0}, "alpha")]
 
 
@@ -643,18 +526,6 @@ def test_identity_noise_is_refused_at_evaluation_and_in_finetuning(noise, key, r
                              json.dumps(noise), "--site", resnet_run.last_site), key, "identity")
     assert_no_run(tmp_path / "run")
     assert _digest(resnet_run.checkpoint, digits_dir) == before
-
-
-@pytest.mark.parametrize(("index", "key", "value", "why"),
-                         [(1, "strength", [0.5, 0], "identity"), (4, "alpha", [0.0], "identity"),
-                          (1, "strength", [float("inf")], "finite"), (2, "strength", [float("nan")], "finite")],
-                         ids=["gaussian-strength-0", "shift-alpha-0", "gaussian-inf", "impulse-nan"])
-def test_config_noise_that_is_the_identity_or_not_finite(index, key, value, why):
-    # the parse-time check a dry run (snakemake -n) and a real run both make before any job
-    cfg = tiny_config()
-    assert cfg["noises"][index].get(key) is not None
-    cfg["noises"][index][key] = value
-    config_refused(cfg, f"noises.{index}.{key}.{len(value) - 1}", why)
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity"])
@@ -815,23 +686,6 @@ def test_evaluate_a_noise_without_a_site_as_finetune_does(resnet_run, digits_dir
             "site", "image")
     assert not (tmp_path / "e.json").exists()
     assert_no_run(tmp_path / "run")
-
-
-def test_config_pretrained_weights_with_a_nan(tmp_path):
-    from safetensors.torch import save_file
-
-    from noisynn.models.build import build_model
-
-    cfg = tiny_config()
-    model = build_model({k: cfg["models"]["resnet"][k] for k in ("timm_name", "kwargs")}, 10, 1)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["layer1.0.conv1.weight"].view(-1)[3] = float("nan")
-    weights = tmp_path / "weights.safetensors"
-    save_file(state, str(weights))
-    before = _digest(weights)
-    cfg["models"]["resnet"]["pretrained"] = str(weights)
-    config_refused(cfg, "models.resnet.pretrained", str(weights), "non-finite", "layer1.0.conv1.weight")
-    assert _digest(weights) == before
 
 
 def test_model_that_cannot_take_the_image_size(digits_dir, tmp_path, capsys):

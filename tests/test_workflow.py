@@ -49,6 +49,24 @@ def test_demo_config_dry_run_counts(repo_copy):
                       "aggregate": 1, **REPORT, "default": 1}
 
 
+def test_the_local_profile_evaluates_each_checkpoint_in_one_job(repo_copy):
+    """profiles/default (evaluate.jobs: checkpoint): one job per checkpoint over its sites and seeds,
+    22 start-ups for the demo's 34 groups, writing the same files as the per-site jobs."""
+    local = snakemake(repo_copy, "-n", "-p").stdout
+    counts = job_counts(local)
+    evaluations = {rule: n for rule, n in counts.items() if rule.startswith("evaluate")}
+    assert len(evaluations) == sum(evaluations.values()) == 22
+    assert {k: v for k, v in counts.items() if k not in evaluations} == {
+        "prepare_data": 1, "pretrain": 2, "finetune": 22, "aggregate": 1, **REPORT, "default": 1}
+    per_site = snakemake(repo_copy, "-n", "-p", "--workflow-profile", "none").stdout
+
+    def written(dry: str) -> list[str]:
+        return sorted(path for line in dry.splitlines() if line.strip().startswith("output:") and "/evaluate/" in line
+                      for path in line.split(":", 1)[1].replace(",", " ").split())
+
+    assert written(local) == written(per_site) and len(written(local)) == 2 * 34
+
+
 def test_tiny_config_dry_run_counts(repo_copy):
     out = snakemake(repo_copy, "-n", "--workflow-profile", "none", "--configfile", "config/tiny.yaml").stdout
     # 1 seed × (vit: none, gaussian, impulse, optimal eval, optimal train+eval, shift, sweep blocks.0 = 7;

@@ -62,7 +62,8 @@ def check_noises_act(model: nn.Module, site: str, specs, input_shape: tuple[int,
     act on any tensor and are not run (their generators need a real device). A model whose forward
     the meta device cannot run is left to the hook's checks at the first real batch.
     """
-    from noisynn.inject import inject, site_input
+    from noisynn.inject.hook import inject
+    from noisynn.inject.split import site_input
 
     specs = [sp for sp in specs if sp.kind.startswith("linear")]
     if not specs:

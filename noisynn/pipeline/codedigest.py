@@ -39,7 +39,7 @@ STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pretrain": (("_add_train_args", "_add_training", "_train"), ()),
     "finetune": (("_add_train_args", "_add_training", "_train"), ()),
     "import_weights": (("_add_import_weights", "_import_weights"), ()),
-    "evaluate": (("_add_evaluate", "_evaluate"), ()),
+    "evaluate": (("_add_evaluate", "_evaluate", "_evaluation_groups", "_evaluation_settings", "_write_evaluation"), ()),
     "aggregate": (("_add_aggregate", "_aggregate"), ()),
     "report": (("_add_report", "_report"), ()),
 }
@@ -112,7 +112,9 @@ def _imports(node: ast.AST) -> set[str]:
             elif _is_module(n.module):
                 found.add(n.module)
                 found |= {f"{n.module}.{a.name}" for a in n.names if _is_module(f"{n.module}.{a.name}")}
-    return found
+    # importing a module runs its packages' __init__ first (noisynn.inject's registers the model families)
+    parts = [name.split(".") for name in found]
+    return found | {".".join(p[:i]) for p in parts for i in range(2, len(p)) if _is_module(".".join(p[:i]))}
 
 
 @lru_cache(maxsize=None)

@@ -2,8 +2,8 @@
 
 An evaluation group (noisynn/pipeline/grid.py) runs one pass of its test images up to the site's cache point
 (the prefix, cached), then, for every setting and protocol and for the sweeps of the released
-recipe, the network from the cache point on (the suffix). ``forward_images`` counts the images of
-each kind exactly as ``evaluate.evaluate_group`` runs them (a test holds the two equal), and
+recipe, the network from the cache point on (the suffix). The images of each kind are those of the
+evaluation's own pass schedule (``evaluate.pass_schedule``, which the evaluation follows), and
 ``suffix_share`` measures the fraction of a forward pass's floating-point operations after the
 cache point, with torch's FLOP counter on the meta device (no weights, no memory). Together:
 
@@ -20,55 +20,13 @@ import csv
 import io
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from noisynn.errors import UserError
-from noisynn.noise import NoiseSpec
-from noisynn.orders import PURITY_BATCH_SIZE, SWEEP_BATCH_SIZES, SWEEP_ORDERS, purity_batches
+from noisynn.evaluate import RAM_CACHE_BYTES, pass_schedule
 from noisynn.pipeline.grid import Grid
-from noisynn.vocab import PROTOCOL_DEFS
-
-
-def forward_images(settings: list[dict], protocols, labels: np.ndarray, seed: int, cached: bool) -> dict:
-    """Images through the prefix and through the suffix when ``evaluate_group`` runs these settings.
-
-    Every protocol's batches hold each test image once; the noise-off protocols run once per group
-    (every setting predicts what the plain model predicts there); a setting with ``sweeps`` adds the
-    batch-size sweep (a batch of one image is one batch in every order, run once for a noise that
-    draws no random numbers), the purity sweep's batches and, if the group has no clean pass yet,
-    the pooling control's clean pass. Without the cache (noise at the image) every pass is whole.
-    """
-    n = len(labels)
-    suffix = 0
-    clean_done: set[str] = set()
-    for setting in settings:
-        spec = NoiseSpec.from_dict(setting["noise_params"])
-        for name in protocols:
-            if not PROTOCOL_DEFS[name].noise_on:
-                if name in clean_done:
-                    continue
-                clean_done.add(name)
-            suffix += n
-        if setting.get("sweeps"):
-            for order in SWEEP_ORDERS:
-                for k in SWEEP_BATCH_SIZES:
-                    if not (k == 1 and order != SWEEP_ORDERS[0] and not spec.is_random):
-                        suffix += n
-            suffix += _purity_images(np.asarray(labels, dtype=np.int64).tobytes(), seed)
-            if "clean" not in clean_done:
-                clean_done.add("clean")
-                suffix += n
-    return {"prefix": n if cached else 0, "suffix": suffix}
-
-
-@lru_cache(maxsize=8)
-def _purity_images(labels: bytes, seed: int) -> int:
-    """Images in the purity sweep's batches (memoized: the same test split for every model of a config)."""
-    y = np.frombuffer(labels, dtype=np.int64)
-    return sum(sum(len(b) for b, _ in purity_batches(y, m, PURITY_BATCH_SIZE, seed)) for m in range(1, PURITY_BATCH_SIZE + 1))
 
 
 @dataclass
@@ -90,7 +48,7 @@ def measure_split(model, site: str, in_chans: int, image_size: int) -> Split:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from noisynn.inject import cache_point, forward_prefix
+    from noisynn.inject.split import cache_point, forward_prefix
 
     x = torch.empty(1, in_chans, image_size, image_size, device="meta")
     point = cache_point(model, site)
@@ -154,9 +112,6 @@ def split_labels(config: dict, data: Path | None, images: int | None, classes: i
     return np.sort(np.arange(images) % classes)
 
 
-# evaluate_group keeps a prefix cache up to this size in RAM and memory-maps a larger one on the
-# node's disk (its max_cache_bytes default, which the workflow leaves as it is; a test holds the two equal)
-RAM_CACHE_BYTES = 4 << 30
 # kwargs that leave a timm model's architecture as its name says (its own throughput row applies)
 _NEUTRAL_KWARGS = {"num_classes", "img_size", "in_chans", "drop_rate", "drop_path_rate"}
 
@@ -174,7 +129,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
     (vit, resnet, …) nearest in FLOPs, scaled by the FLOP ratio, and it says so (``throughput_source``).
     A transfer config's models are counted as the evaluation sees them: rebuilt for its data.
     """
-    from noisynn.inject import cache_bytes_per_value
+    from noisynn.inject.split import cache_bytes_per_value
     from noisynn.models.build import meta_model
     from noisynn.models.transfer import data_kwargs
     from noisynn.pipeline.datasets import dataset_geometry
@@ -220,7 +175,7 @@ def estimate(config: dict, labels: np.ndarray, throughput: dict[tuple[str, int],
         for g in groups:
             site = g.site if g.site != "none" else "image"
             split = measure_split(model, site, in_chans, size)
-            counts = forward_images(grid.settings(g), protocols, labels, g.seed, split.cache_point != "image")
+            counts = pass_schedule(grid.settings(g), protocols, labels, g.seed, cached=split.cache_point != "image").forward_images
             prefix += counts["prefix"]
             suffix += counts["suffix"]
             equivalents += (counts["prefix"] * (1 - split.share) + counts["suffix"] * split.share) / n

@@ -5,9 +5,11 @@ checkpoint is the vanilla fine-tuning when the noise applies at evaluation only 
 never run twice), a fine-tuning with that noise injected otherwise, and the starting weights
 themselves when the config has no fine-tuning (``finetune: null``, the audit of released weights).
 
-Evaluations that share a checkpoint and a site form one evaluation *group*: one job, one pass of the
-test images through the network up to the site, shared by every setting and every protocol of the
-group. The vanilla model (noise none) joins the group of its model's default site. Paths:
+Evaluations that share a checkpoint and a site form one evaluation *group*: one pass of the test
+images through the network up to the site, shared by every setting and every protocol of the group.
+The vanilla model (noise none) joins the group of its model's default site. A group is one job, or
+(the config's ``evaluate.jobs: checkpoint``) the groups of one checkpoint are one job: its sites, and
+its seeds when they share it (``checkpoint_jobs``). Paths:
 
     results/<dataset>/<model>/pretrain/model.safetensors         (or imported/, weights as loaded)
     results/<dataset>/<model>/finetune/noise~<token>/site~<site>/seed~<n>/model.safetensors
@@ -16,6 +18,7 @@ group. The vanilla model (noise none) joins the group of its model's default sit
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from noisynn.errors import UserError
@@ -33,7 +36,7 @@ from noisynn.vocab import (
 # the numbers a noise token writes with :g; its words (kind, axis, neighbour, detach) are written whole
 _NUMBERS = ("strength", "alpha", "mean", "std")
 
-__all__ = ["Grid", "EvaluationGroup", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
+__all__ = ["Grid", "EvaluationGroup", "CheckpointJob", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
 
 
 def entry_noises(entry: dict) -> list[dict]:
@@ -86,6 +89,21 @@ class EvaluationGroup:
     @property
     def predictions_path(self) -> str:
         return GROUP_PREDICTIONS.format(**self.wildcards)
+
+
+@dataclass
+class CheckpointJob:
+    """The evaluation groups of one checkpoint (its sites, and its seeds when they share it): one job
+    that reads the checkpoint and the data once, when the config's ``evaluate.jobs`` is ``checkpoint``."""
+
+    folder: str  # the checkpoint's folder below results/<dataset>/, e.g. vit/finetune/noise~none/site~none/seed~0
+    name: str  # the same in word characters, unique in the grid (the job's rule name)
+    checkpoint: str
+    groups: list[EvaluationGroup]
+
+    @property
+    def model(self) -> str:
+        return self.groups[0].model
 
 
 class Grid:
@@ -179,6 +197,23 @@ class Grid:
             if (g.model, g.train, g.site, g.seed) == (model, train, site, int(seed)):
                 return g
         raise KeyError(f"no evaluation group model={model} train={train} site={site} seed={seed} in the grid")
+
+    def checkpoint_jobs(self) -> list[CheckpointJob]:
+        """The groups of each checkpoint, in the grid's order."""
+        by_checkpoint: dict[str, list[EvaluationGroup]] = {}
+        for g in self.groups:
+            by_checkpoint.setdefault(g.checkpoint, []).append(g)
+        jobs, names = [], set()
+        for checkpoint, groups in by_checkpoint.items():
+            folder = checkpoint.removeprefix(f"results/{self.dataset}/").rsplit("/", 1)[0]
+            name = base = re.sub(r"\W+", "_", folder)
+            count = 1
+            while name in names:  # folders that differ only in punctuation
+                count += 1
+                name = f"{base}_{count}"
+            names.add(name)
+            jobs.append(CheckpointJob(folder, name, checkpoint, groups))
+        return jobs
 
     def group_files(self) -> list[str]:
         return [g.path for g in self.groups]

@@ -73,7 +73,7 @@ def model_checks(config: dict, source: str) -> list[dict]:
 
 def run_model_checks(checks: list[dict]) -> None:
     """The torch part of ``check_models_and_sites``: each model built on the meta device, once."""
-    from noisynn.inject import check_site
+    from noisynn.inject.sites import check_site
     from noisynn.models.build import meta_model
     from noisynn.models.checks import check_forward, check_model_fits_data, check_noises_act
     from noisynn.models.pretrained import classifier_keys, refuse_unfit_weights

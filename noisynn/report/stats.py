@@ -421,26 +421,3 @@ def is_transductive(share: float) -> bool:
     if not 0 <= share <= 1:
         raise UserError(f"a batch-dependence share must lie in [0, 1]; got {share!r}.")
     return share > 0
-
-
-def logit_pooling(logits: np.ndarray, batches: list[np.ndarray]) -> np.ndarray:
-    """Noise-free control: ŷ_i = argmax_c mean_{j ∈ batch(i)} z_jc, every image takes its batch's pooled logits.
-
-    ``batches`` holds the image indices of each batch and must cover every image exactly once.
-    """
-    logits = np.asarray(logits, dtype=float)
-    if logits.ndim != 2:
-        raise UserError(f"`logits` must be a 2-D (images × classes) array; got shape {logits.shape}.")
-    n = logits.shape[0]
-    index = [np.asarray(b, dtype=np.int64).ravel() for b in batches]
-    members = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
-    if members.size and (members.min() < 0 or members.max() >= n):
-        raise UserError(f"`batches` must hold image indices in 0..{n - 1}; got {members.min()}..{members.max()}.")
-    if not np.array_equal(np.bincount(members, minlength=n), np.ones(n, dtype=np.int64)):
-        raise UserError(f"`batches` must place each of the {n} images in exactly one batch.")
-    batch_of = np.empty(n, dtype=np.int64)
-    batch_of[members] = np.repeat(np.arange(len(index)), [b.size for b in index])
-    sums = np.zeros((len(index), logits.shape[1]))
-    np.add.at(sums, batch_of, logits)
-    counts = np.maximum(np.bincount(batch_of, minlength=len(index)), 1)  # an empty batch pools nothing
-    return (sums / counts[:, None]).argmax(axis=1)[batch_of]

@@ -170,13 +170,29 @@ def group_settings(wildcards):
     return q(GRID.settings(evaluation_group(wildcards)))
 
 
-def model_test_batch_size(wildcards):
-    m = CFG["models"][wildcards.model]
+def checkpoint_groups(job):
+    """What the evaluate job of a checkpoint is told: each group's site, seed, settings and files."""
+    return q(
+        [
+            {
+                "site": g.site,
+                "seed": g.seed,
+                "settings": GRID.settings(g),
+                "out": g.path,
+                "predictions": g.predictions_path,
+            }
+            for g in job.groups
+        ]
+    )
+
+
+def model_test_batch_size(model):
+    m = CFG["models"][model]
     return m["test_batch_size"] or CFG["evaluate"]["test_batch_size"]
 
 
-def model_reported_metric(wildcards):
-    return CFG["models"][wildcards.model]["reported_metric"]
+def model_reported_metric(model):
+    return CFG["models"][model]["reported_metric"]
 
 
 def describe_dataset(d):
@@ -213,3 +229,16 @@ def stages_description():
 
 def evaluate_resource(key, default):
     return CFG["evaluate"]["resources"].get(key, default)
+
+
+def evaluate_mem_mb(wildcards, attempt):
+    return evaluate_resource("mem_mb", 4000) * attempt
+
+
+def evaluate_runtime(groups):
+    """The runtime of an evaluate job over this many groups: the config's is a group's."""
+
+    def runtime(wildcards, attempt):
+        return evaluate_resource("runtime", 30) * attempt * groups
+
+    return runtime

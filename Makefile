@@ -43,9 +43,13 @@ claims: $(STAMP)
 report: $(STAMP)
 	$(BIN)/snakemake --report results/report.html
 
+# pytest-xdist, one worker per core; tests/conftest.py keeps each test module on one worker and
+# makes the shared trained models once for all workers.
+PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n auto --no-loadscope-reorder
+
 # The whole suite, slow end-to-end and SLURM tests included (this is what CI runs), after the linters.
 test: $(STAMP) lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	$(PYTEST)
 
 # ruff on the Python, snakefmt on the workflow (both installed by the set-up).
 lint: $(STAMP)
@@ -54,7 +58,7 @@ lint: $(STAMP)
 
 # The quick part only: unit tests, no end-to-end runs.
 test-fast: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

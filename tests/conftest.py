@@ -4,11 +4,18 @@ Training is the expensive part of these tests, so one small ViT and one small Re
 per session (on CPU, seconds each) and every test that needs a trained model reuses them: the
 accuracy tests read them, the resume tests fine-tune them for a few epochs, the evaluation and CLI
 tests evaluate them. Tests must not write into the fixtures' folders; they copy what they change.
+
+Under pytest-xdist (`make test` runs `pytest -n auto --no-loadscope-reorder`) the workers share these
+folders too (the first worker to ask makes one, the others wait for it), and each test module runs
+on one worker, so a module's own fixtures are also made once; the SLURM modules share one worker,
+since each starts and stops the one cluster of this machine.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,22 +70,71 @@ def cli_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, called only where it runs
+def pytest_xdist_make_scheduler(config, log):
+    """One worker per test module (its module-scoped fixtures are made once) and one worker for both
+    SLURM modules, tests/test_slurm_*.py (they must not start and stop the cluster side by side).
+    xdist's `--dist loadgroup` would do this with marks, but it cannot regroup pytest 9's node ids."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm" if Path(module).name.startswith("test_slurm_") else module
+
+    return ByModule(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist the longest modules go first (`--no-loadscope-reorder` keeps this order), so that
+    no minutes-long module is left alone on one worker at the end: the SLURM ones (a cluster to
+    start, jobs that queue), then the modules by their number of end-to-end tests."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    slow = Counter(module_of(item) for item in items if item.get_closest_marker("slow"))
+    # stable: each module's own order is kept
+    items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, -slow[module_of(item)]))
+
+
+def module_of(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder ``make(folder)`` fills, made once a session: under pytest-xdist the workers share
+    it (the first to ask makes it under a lock, the others wait and reuse it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # the run's temporary folder, above each worker's own
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The digits dataset prepared at 16 px with the default split seed."""
     from noisynn.data import prepare_digits
 
-    out = tmp_path_factory.mktemp("digits16")
-    prepare_digits(out, image_size=16, seed=0)
-    return out
+    return made_once(tmp_path_factory, "digits16", lambda out: prepare_digits(out, image_size=16, seed=0))
 
 
 def _pretrain(tmp_path_factory, digits_dir: Path, model_cfg: dict, recipe: dict, last_site: str, name: str) -> TrainedRun:
     from noisynn.train import TrainConfig, train
 
-    run_dir = tmp_path_factory.mktemp(name) / "run"
-    cfg = TrainConfig(out_dir=str(run_dir), data_dir=str(digits_dir), stage="pretrain", model=model_cfg, seed=0, **recipe)
-    train(cfg)
+    def pretrain(folder: Path) -> None:
+        cfg = TrainConfig(out_dir=str(folder / "run"), data_dir=str(digits_dir), stage="pretrain", model=model_cfg,
+                          seed=0, **recipe)
+        train(cfg)
+
+    run_dir = made_once(tmp_path_factory, name, pretrain) / "run"
     return TrainedRun(run_dir, run_dir / "model.safetensors", model_cfg, recipe, last_site)
 
 

@@ -1,13 +1,13 @@
 """DVC shares the workflow's costly results, and a second lab regenerates nothing after pulling them.
 
 The fast tests read dvc.yaml, .dvc/config and what git tracks under results/. The slow ones play
-two labs with real DVC and a real local remote, on two configs: the tiny config (written as
-config/config.yaml, so the demo stage's paths follow its dataset name, digits-tiny) and a tiny
-MNIST-5k config (written as config/mnist.yaml, whose stage names the dataset mnist). Lab one runs
-`dvc repro` of those two stages in a copy of this working tree and pushes; lab two clones lab
-one's repository, runs scripts/sync-results.sh, and must find every file identical and Snakemake
-with nothing to do for either config. Corrupt bytes, in the remote or in a cache, must never reach
-a workspace or a remote unnoticed.
+two labs with real DVC and a real local remote, on two configs cut from the tiny one (lab_config):
+one on its digits (written as config/config.yaml, so the demo stage's paths follow its dataset
+name, digits-tiny) and one on MNIST-5k (written as config/mnist.yaml, whose stage names the
+dataset mnist). Lab one runs `dvc repro` of those two stages in a copy of this working tree and
+pushes; lab two clones lab one's repository, runs scripts/sync-results.sh, and must find every
+file identical and Snakemake with nothing to do for either config. Corrupt bytes, in the remote or
+in a cache, must never reach a workspace or a remote unnoticed.
 """
 
 from __future__ import annotations
@@ -210,11 +210,12 @@ def dry_run_jobs(env: dict, repo: Path, config: str = "config/config.yaml") -> d
     return job_counts(out.stdout + out.stderr)
 
 
-def second_config() -> dict:
-    """A tiny MNIST-5k config for the workflow-mnist stage: one epoch each, the vanilla model and the
-    released recipe, 8 px (the prepared file is mnist.npz)."""
+def lab_config(dataset: dict) -> dict:
+    """The tiny config cut to what DVC's wiring needs, on ``dataset``: both models, the noise-free
+    and the optimal-Q noise at evaluation, one epoch each, no layer sweep (what each noise and the
+    sweep compute is the tiny workflow test's part)."""
     config = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
-    config["dataset"] = {"name": SECOND, "kind": "mnist", "image_size": 8, "split_seed": 0}
+    config["dataset"] = dataset
     config["noises"] = [{"kind": "none"}, {"kind": "linear-optimal", "axis": ["batch"]}]
     config.pop("layer_sweep")
     for model in config["models"].values():
@@ -234,11 +235,13 @@ def remote(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lab_one(tmp_path_factory, env, remote) -> Path:
-    """This working tree with the tiny config, reproduced by DVC, committed, and pushed."""
+    """This working tree with two tiny configs (lab_config), reproduced by DVC, committed, and pushed."""
     repo = copy_repo(tmp_path_factory.mktemp("lab-one"))
     (repo / "dvc.lock").unlink(missing_ok=True)  # the demo's lock; the tiny run writes its own
-    shutil.copy(repo / "config/tiny.yaml", repo / "config/config.yaml")
-    (repo / "config/mnist.yaml").write_text(yaml.safe_dump(second_config(), sort_keys=False))
+    tiny = yaml.safe_load((REPO / "config/tiny.yaml").read_text())["dataset"]
+    (repo / "config/config.yaml").write_text(yaml.safe_dump(lab_config(tiny), sort_keys=False))
+    mnist = {"name": SECOND, "kind": "mnist", "image_size": 8, "split_seed": 0}  # the prepared file is mnist.npz
+    (repo / "config/mnist.yaml").write_text(yaml.safe_dump(lab_config(mnist), sort_keys=False))
     run(env, repo, "git", "init", "--quiet")
     run(env, repo, "git", "add", "--all")
     run(env, repo, "git", "commit", "--quiet", "-m", "noisynn with two tiny configs")

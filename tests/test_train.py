@@ -210,7 +210,7 @@ def test_bad_training_settings_are_user_errors(resnet_run, digits_dir, tmp_path,
 def test_sigterm_then_rerun_via_cli_ends_with_the_weights_of_an_uninterrupted_run(resnet_run, digits_dir, tmp_path):
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "noisynn", "finetune", "--data", str(digits_dir), "--init", str(resnet_run.checkpoint),
-                "--out", str(out), "--train", json.dumps({"epochs": 6, "batch_size": 32, "lr": 5e-4, "warmup_epochs": 0}),
+                "--out", str(out), "--train", json.dumps({"epochs": 3, "batch_size": 32, "lr": 5e-4, "warmup_epochs": 0}),
                 "--seed", "5", "--noise", json.dumps({"kind": "impulse", "strength": 0.05}), "--site", resnet_run.last_site,
                 "--apply", "train+eval"]
 
@@ -232,7 +232,7 @@ def test_sigterm_then_rerun_via_cli_ends_with_the_weights_of_an_uninterrupted_ru
     assert not (out / "model.safetensors").exists()
     assert not _temp_files(out)
     state = json.loads((out / "recovery" / "state.json").read_text())
-    assert state["epoch"] < 6
+    assert state["epoch"] < 3
 
     rerun = subprocess.run(command(out), capture_output=True, text=True, env=cli_env(), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

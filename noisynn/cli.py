@@ -103,7 +103,7 @@ def _add_import_weights(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint under every protocol (one or several noise settings)")
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--checkpoint", type=Path, help="the checkpoint of the one group (--groups names each group's)")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--out", type=Path, help="evaluation JSON (one record per setting)")
     p.add_argument("--predictions", type=Path, help="optional .npz: each image's prediction and batch, per setting and protocol")
@@ -112,9 +112,10 @@ def _add_evaluate(sub) -> None:
                    help="several settings at the same site, as a JSON list of {noise_params, ...} (what the workflow passes)")
     p.add_argument("--site", default=None)
     p.add_argument("--groups", type=_json_arg("--groups", list), default=None,
-                   help='several groups of this checkpoint in one process, read once, instead of --out, --predictions, '
-                        '--site, --seed and --noise/--settings: a JSON list of {"site", "seed", "settings", "out", '
-                        '"predictions"} (what the workflow passes when evaluate.jobs is checkpoint)')
+                   help='several groups in one process, each checkpoint read once, instead of --checkpoint, --out, '
+                        '--predictions, --site, --seed and --noise/--settings: a JSON list of {"checkpoint", "site", '
+                        '"seed", "settings", "out", "predictions"} (what the workflow passes when evaluate.jobs is '
+                        'checkpoint or model)')
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset of " + ",".join(PROTOCOLS))
     p.add_argument("--test-batch-size", type=int, default=10)
     p.add_argument("--reported-metric", choices=REPORTED_METRICS, default="running",
@@ -332,8 +333,9 @@ def _evaluation_groups(args) -> list[dict]:
     """The groups to evaluate, each with its site, seed, settings, out, predictions and the flag that
     names it in a message: those of --groups, or the one group of --out, --site, --noise or --settings …"""
     if args.groups is None:
-        if args.out is None:
-            raise UserError("evaluate needs --out (one group of settings) or --groups (several groups of the checkpoint).")
+        if args.checkpoint is None or args.out is None:
+            raise UserError("evaluate needs --checkpoint and --out (one group of settings) or --groups (several groups, "
+                            "each naming its checkpoint).")
         if args.settings is not None and args.noise is not None:
             raise UserError("evaluate takes --noise (one setting) or --settings (several), not both.")
         if args.site is not None and not args.site.strip():
@@ -351,9 +353,9 @@ def _evaluation_groups(args) -> list[dict]:
                          "seed": seed, "noise_params": noise}]
         else:
             settings = _evaluation_settings(args.settings, args.site or "none", seed, "--settings entry")
-        return [{"site": args.site or "image", "seed": seed, "settings": settings, "out": args.out,
+        return [{"checkpoint": args.checkpoint, "site": args.site or "image", "seed": seed, "settings": settings, "out": args.out,
                  "predictions": args.predictions, "flags": {"out": "--out", "predictions": "--predictions"}}]
-    one = {"--out": args.out, "--predictions": args.predictions, "--site": args.site, "--seed": args.seed,
+    one = {"--checkpoint": args.checkpoint, "--out": args.out, "--predictions": args.predictions, "--site": args.site, "--seed": args.seed,
            "--noise": args.noise, "--settings": args.settings}
     given = [flag for flag, value in one.items() if value is not None]
     if given:
@@ -361,19 +363,20 @@ def _evaluation_groups(args) -> list[dict]:
     groups = []
     for i, g in enumerate(args.groups):
         what = f"--groups entry {i}"
-        if not isinstance(g, dict) or not {"site", "settings", "out"} <= set(g) or set(g) - {"site", "seed", "settings", "out", "predictions"}:
-            raise UserError(f"{what} must be a mapping of site, settings and out (and optionally seed and predictions); "
-                            f"got {g!r:.120}.")
+        keys = {"checkpoint", "site", "settings", "out"}
+        if not isinstance(g, dict) or not keys <= set(g) or set(g) - keys - {"seed", "predictions"}:
+            raise UserError(f"{what} must be a mapping of checkpoint, site, settings and out (and optionally seed and "
+                            f"predictions); got {g!r:.120}.")
         if not isinstance(g["site"], str) or not g["site"].strip():
             raise UserError(f"{what}: key site must name a site (e.g. blocks.3.attn, or image for the input images); "
                             f"got {g['site']!r}.")
-        for key in ("out", "predictions"):
+        for key in ("checkpoint", "out", "predictions"):
             if g.get(key) is not None and not isinstance(g[key], str):
                 raise UserError(f"{what}: key {key} must be a path; got {g[key]!r}.")
         if not isinstance(g["settings"], list) or not g["settings"]:
             raise UserError(f"{what}: key settings must be a non-empty list; got {g['settings']!r:.120}.")
         seed = g.get("seed", 0)
-        groups.append({"site": g["site"], "seed": seed,
+        groups.append({"checkpoint": Path(g["checkpoint"]), "site": g["site"], "seed": seed,
                        "settings": _evaluation_settings(g["settings"], g["site"], seed, f"{what}, settings entry"),
                        "out": Path(g["out"]), "predictions": Path(g["predictions"]) if g.get("predictions") else None,
                        "flags": {"out": f"{what} out", "predictions": f"{what} predictions"}})
@@ -409,9 +412,14 @@ def _evaluate(args) -> int:
     from noisynn.models.weights import sidecar_path
 
     groups = _evaluation_groups(args)
+    by_checkpoint: dict[Path, list[dict]] = {}  # each checkpoint is read once, its groups in the order given
+    for g in groups:
+        by_checkpoint.setdefault(g["checkpoint"], []).append(g)
     # the outputs are checked before the evaluation, which can take hours
-    inputs = {"the checkpoint (--checkpoint)": args.checkpoint, "the checkpoint's sidecar": sidecar_path(args.checkpoint),
-              **({f"the dataset's file {p.name}": p for p in args.data.iterdir()} if args.data.is_dir() else {})}
+    inputs = {**({f"the dataset's file {p.name}": p for p in args.data.iterdir()} if args.data.is_dir() else {})}
+    for checkpoint in by_checkpoint:
+        inputs[f"the checkpoint {checkpoint}"] = checkpoint
+        inputs[f"the sidecar of the checkpoint {checkpoint}"] = sidecar_path(checkpoint)
     written: dict[str, str] = {}  # absolute path → the flag that names it: each output is no other's
     for g in groups:
         for key in ("out", "predictions") if g["predictions"] else ("out",):
@@ -421,22 +429,23 @@ def _evaluate(args) -> int:
             other = written.setdefault(os.path.abspath(g[key]), flag)
             if other != flag:
                 raise UserError(f"evaluate {flag} {g[key]} is also the path given to {other}; give each output a path of its own.")
-    results = evaluate_groups(
-        args.checkpoint, args.data, groups,
-        protocols=tuple(p for p in args.protocols.split(",") if p),
-        test_batch_size=args.test_batch_size, reported_metric=args.reported_metric,
-        split=args.split, use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
-        forward_batch_size=args.forward_batch_size, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
-        allow_other_data=args.allow_other_data,
-    )
-    for g, (result, arrays) in zip(groups, results):
-        _write_evaluation(g, result, arrays)
-        for ev in result["evaluations"]:
-            print(f"{ev['setting']['noise']} ({ev['setting']['apply']}) at {result['site']}:")
-            for name, r in ev["protocols"].items():
-                print(f"  {name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric top1 "
-                      f"{r['released_metric_top1']:.4f} top5 {r['released_metric_top5']:.4f}")
-        print(f"{result['images_per_second']:.0f} images/s ({result['prefix_cache']} prefix cache, {result['dtype']})")
+    for checkpoint, its_groups in by_checkpoint.items():
+        results = evaluate_groups(
+            checkpoint, args.data, its_groups,
+            protocols=tuple(p for p in args.protocols.split(",") if p),
+            test_batch_size=args.test_batch_size, reported_metric=args.reported_metric,
+            split=args.split, use_prefix_cache=not args.no_prefix_cache, num_workers=args.num_workers,
+            forward_batch_size=args.forward_batch_size, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
+            allow_other_data=args.allow_other_data,
+        )
+        for g, (result, arrays) in zip(its_groups, results):
+            _write_evaluation(g, result, arrays)
+            for ev in result["evaluations"]:
+                print(f"{ev['setting']['noise']} ({ev['setting']['apply']}) at {result['site']}:")
+                for name, r in ev["protocols"].items():
+                    print(f"  {name:12s} top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  released-metric top1 "
+                          f"{r['released_metric_top1']:.4f} top5 {r['released_metric_top5']:.4f}")
+            print(f"{result['images_per_second']:.0f} images/s ({result['prefix_cache']} prefix cache, {result['dtype']})")
     return 0
 
 

@@ -294,9 +294,11 @@ def _untimed(record):
     return record
 
 
-def test_one_process_over_a_checkpoint_s_groups_writes_what_one_process_per_group_writes(vit_run, digits_dir, tmp_path):
-    """The workflow's two groupings (evaluate.jobs): the groups of a checkpoint at several sites and
-    seeds in one `noisynn evaluate --groups`, or each alone, give the same files, every array bit for bit."""
+def test_one_process_over_several_checkpoints_groups_writes_what_one_process_per_group_writes(
+        vit_run, resnet_run, digits_dir, tmp_path):
+    """The workflow's groupings (evaluate.jobs): the groups of two checkpoints at several sites and
+    seeds in one `noisynn evaluate --groups` (the two checkpoints' groups interleaved), or each group
+    alone, give the same files, every array bit for bit."""
     from noisynn.cli import main
 
     def setting(noise, site, seed, sweeps=False):
@@ -304,7 +306,7 @@ def test_one_process_over_a_checkpoint_s_groups_writes_what_one_process_per_grou
                 **({"sweeps": True} if sweeps else {})}
 
     gauss = {"kind": "gaussian", "strength": 0.5}
-    groups = [{"site": site, "seed": seed, "settings": settings(site, seed)}
+    groups = [{"checkpoint": str(vit_run.checkpoint), "site": site, "seed": seed, "settings": settings(site, seed)}
               for seed in (0, 1)
               for site, settings in [
                   (vit_run.last_site, lambda site, seed: [setting({"kind": "none"}, "none", seed),
@@ -312,22 +314,23 @@ def test_one_process_over_a_checkpoint_s_groups_writes_what_one_process_per_grou
                                                           setting(gauss, site, seed)]),
                   ("blocks.1.attn", lambda site, seed: [setting(OPTIMAL_BATCH, site, seed)]),
                   ("image", lambda site, seed: [setting(gauss, site, seed)])]]
-    common = ["evaluate", "--checkpoint", str(vit_run.checkpoint), "--data", str(digits_dir)]
-    for g in groups:
-        stem = f"{g['site']}_seed{g['seed']}"
-        g["out"], g["predictions"] = str(tmp_path / "grouped" / f"{stem}.json"), str(tmp_path / "grouped" / f"{stem}.npz")
-        assert main([*common, "--site", g["site"], "--seed", str(g["seed"]), "--settings", json.dumps(g["settings"]),
-                     "--out", str(tmp_path / "alone" / f"{stem}.json"),
-                     "--predictions", str(tmp_path / "alone" / f"{stem}.npz")]) == 0
-    assert main([*common, "--groups", json.dumps(groups)]) == 0
-    for g in groups:
-        stem = f"{g['site']}_seed{g['seed']}"
-        alone, grouped = (json.loads((tmp_path / kind / f"{stem}.json").read_text()) for kind in ("alone", "grouped"))
-        assert _untimed(grouped) == _untimed(alone), stem
-        a, b = np.load(tmp_path / "alone" / f"{stem}.npz"), np.load(tmp_path / "grouped" / f"{stem}.npz")
-        assert a.files == b.files, stem
+    groups.insert(2, {"checkpoint": str(resnet_run.checkpoint), "site": resnet_run.last_site, "seed": 0,
+                      "settings": [setting({"kind": "none"}, "none", 0), setting(OPTIMAL_BATCH, resnet_run.last_site, 0)]})
+    for i, g in enumerate(groups):
+        g["out"], g["predictions"] = str(tmp_path / "grouped" / f"{i}.json"), str(tmp_path / "grouped" / f"{i}.npz")
+        assert main(["evaluate", "--checkpoint", g["checkpoint"], "--data", str(digits_dir), "--site", g["site"],
+                     "--seed", str(g["seed"]), "--settings", json.dumps(g["settings"]),
+                     "--out", str(tmp_path / "alone" / f"{i}.json"),
+                     "--predictions", str(tmp_path / "alone" / f"{i}.npz")]) == 0
+    assert main(["evaluate", "--data", str(digits_dir), "--groups", json.dumps(groups)]) == 0
+    for i, g in enumerate(groups):
+        alone, grouped = (json.loads((tmp_path / kind / f"{i}.json").read_text()) for kind in ("alone", "grouped"))
+        assert grouped["checkpoint"] == g["checkpoint"], i
+        assert _untimed(grouped) == _untimed(alone), i
+        a, b = np.load(tmp_path / "alone" / f"{i}.npz"), np.load(tmp_path / "grouped" / f"{i}.npz")
+        assert a.files == b.files, i
         for key in a.files:
-            assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), (stem, key)
+            assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), (i, key)
 
 
 def test_logit_pooling_takes_each_batch_mean():

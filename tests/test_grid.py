@@ -142,12 +142,12 @@ def test_the_groups_of_a_checkpoint_make_one_job_over_its_sites_and_its_seeds_wh
     import re
 
     grid = Grid(load_config(REPO / "config/config.yaml"))
-    jobs = grid.checkpoint_jobs()
+    jobs = grid.evaluation_jobs("checkpoint")
     # every group in one job, on that job's checkpoint: the jobs write exactly the per-group files
     assert sorted(g.path for j in jobs for g in j.groups) == sorted(grid.group_files())
-    assert all(g.checkpoint == j.checkpoint for j in jobs for g in j.groups)
+    assert all(j.checkpoints == [g.checkpoint for g in j.groups][:1] for j in jobs)
     # one job per checkpoint (the 22 fine-tunings), each with a distinct rule name
-    assert len(jobs) == len({j.checkpoint for j in jobs}) == len(grid.checkpoint_files()) == 22
+    assert len(jobs) == len({j.checkpoints[0] for j in jobs}) == len(grid.checkpoint_files()) == 22
     assert len({j.name for j in jobs}) == len(jobs) and all(re.fullmatch(r"\w+", j.name) for j in jobs)
     # a seed's vanilla fine-tuning: the default site's pass and the three other layer-sweep sites
     vanilla = next(j for j in jobs if j.folder == "vit/finetune/noise~none/site~none/seed~0")
@@ -162,8 +162,24 @@ def test_the_groups_of_a_checkpoint_make_one_job_over_its_sites_and_its_seeds_wh
     for entry in cfg["noises"]:
         entry.pop("apply", None)
     grid = Grid(validate_config(cfg, "my.yaml", check_folders=False))
-    jobs = grid.checkpoint_jobs()
-    assert [j.checkpoint for j in jobs] == [f"results/digits-tiny/{m}/pretrain/model.safetensors" for m in ("vit-a", "vit_a")]
+    jobs = grid.evaluation_jobs("checkpoint")
+    assert [j.checkpoints for j in jobs] == [[f"results/digits-tiny/{m}/pretrain/model.safetensors"] for m in ("vit-a", "vit_a")]
     assert [j.name for j in jobs] == ["vit_a_pretrain", "vit_a_pretrain_2"]
     assert {(g.site, g.seed) for g in jobs[0].groups} == {(site, seed) for site in ("blocks.1.attn", "blocks.0.attn")
                                                           for seed in (0, 1)}
+
+
+def test_the_groups_of_a_model_make_one_job_over_all_its_checkpoints():
+    """evaluate.jobs: model (the local profile's): one job per model, holding every group of that model
+    and only those, so the jobs write exactly the per-group files; names stay word characters."""
+    grid = Grid(load_config(REPO / "config/config.yaml"))
+    jobs = grid.evaluation_jobs("model")
+    assert [j.name for j in jobs] == list(grid.config["models"]) == ["vit", "resnet"]
+    assert sorted(g.path for j in jobs for g in j.groups) == sorted(grid.group_files())
+    for job in jobs:
+        assert {g.model for g in job.groups} == {job.model}
+        # each checkpoint once, every checkpoint of the model that an evaluation reads
+        assert sorted(job.checkpoints) == sorted({g.checkpoint for g in grid.groups if g.model == job.model})
+    assert sum(len(j.checkpoints) for j in jobs) == 22
+    with pytest.raises(ValueError, match="per checkpoint or per model"):
+        grid.evaluation_jobs("site")

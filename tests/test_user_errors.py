@@ -215,15 +215,20 @@ def test_evaluate_option_mistakes(extra, names, resnet_run, digits_dir, tmp_path
 
 
 def test_evaluate_groups_mistakes_are_refused_before_the_first_group_runs(resnet_run, digits_dir, tmp_path, capsys):
-    """`evaluate --groups` (the workflow's job per checkpoint): a mistake in any group stops the job
-    before the first prefix pass, naming the entry."""
+    """`evaluate --groups` (the workflow's job per checkpoint or per model): a mistake in any group
+    stops the job before the first prefix pass, naming the entry."""
     none = [{"noise_params": {"kind": "none"}}]
-    first = {"site": "layer4.0", "settings": none, "out": str(tmp_path / "a.json")}
-    command = ["evaluate", "--checkpoint", resnet_run.checkpoint, "--data", digits_dir, "--groups"]
+    first = {"checkpoint": str(resnet_run.checkpoint), "site": "layer4.0", "settings": none, "out": str(tmp_path / "a.json")}
+    command = ["evaluate", "--data", digits_dir, "--groups"]
     refused(capsys, [*command, json.dumps([first]), "--out", tmp_path / "b.json"], "--groups", "--out")
+    refused(capsys, [*command, json.dumps([first]), "--checkpoint", resnet_run.checkpoint], "--groups", "--checkpoint")
     refused(capsys, [*command, json.dumps([first, {"site": "layer4.0", "settings": none}])], "--groups entry 1", "out")
+    no_checkpoint = {k: v for k, v in first.items() if k != "checkpoint"} | {"out": str(tmp_path / "c.json")}
+    refused(capsys, [*command, json.dumps([first, no_checkpoint])], "--groups entry 1", "checkpoint")
     refused(capsys, [*command, json.dumps([first, {**first, "site": "layer3.0"}])], "--groups entry 1 out",
             "--groups entry 0 out")
+    refused(capsys, [*command, json.dumps([first, {**first, "out": str(resnet_run.checkpoint)}])], "--groups entry 1 out",
+            "checkpoint")
     refused(capsys, [*command, json.dumps([first, {**first, "site": "layer9.9", "out": str(tmp_path / "c.json")}])],
             "layer9.9")
     assert not list(tmp_path.iterdir())

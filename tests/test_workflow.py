@@ -49,13 +49,14 @@ def test_demo_config_dry_run_counts(repo_copy):
                       "aggregate": 1, **REPORT, "default": 1}
 
 
-def test_the_local_profile_evaluates_each_checkpoint_in_one_job(repo_copy):
-    """profiles/default (evaluate.jobs: checkpoint): one job per checkpoint over its sites and seeds,
-    22 start-ups for the demo's 34 groups, writing the same files as the per-site jobs."""
+def test_the_local_profile_evaluates_each_model_in_one_job(repo_copy):
+    """profiles/default (evaluate.jobs: model): one job per model over all its checkpoints, sites and
+    seeds, 2 start-ups for the demo's 34 groups, writing the same files as the per-site jobs, each job
+    after every training of its model."""
     local = snakemake(repo_copy, "-n", "-p").stdout
     counts = job_counts(local)
     evaluations = {rule: n for rule, n in counts.items() if rule.startswith("evaluate")}
-    assert len(evaluations) == sum(evaluations.values()) == 22
+    assert evaluations == {"evaluate_vit": 1, "evaluate_resnet": 1}
     assert {k: v for k, v in counts.items() if k not in evaluations} == {
         "prepare_data": 1, "pretrain": 2, "finetune": 22, "aggregate": 1, **REPORT, "default": 1}
     per_site = snakemake(repo_copy, "-n", "-p", "--workflow-profile", "none").stdout
@@ -65,6 +66,12 @@ def test_the_local_profile_evaluates_each_checkpoint_in_one_job(repo_copy):
                       for path in line.split(":", 1)[1].replace(",", " ").split())
 
     assert written(local) == written(per_site) and len(written(local)) == 2 * 34
+    job = local[local.index("rule evaluate_vit:"):]
+    job = job[:job.index("\n\n")]
+    read = [p for line in job.splitlines() if line.strip().startswith("input:")
+            for p in line.split(":", 1)[1].replace(",", " ").split()]
+    # the vanilla fine-tuning and the five noises trained with, for each of the two seeds
+    assert sum(p.startswith("results/digits/vit/finetune/") and p.endswith(".safetensors") for p in read) == 12
 
 
 def test_tiny_config_dry_run_counts(repo_copy):

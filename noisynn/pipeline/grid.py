@@ -8,8 +8,8 @@ themselves when the config has no fine-tuning (``finetune: null``, the audit of 
 Evaluations that share a checkpoint and a site form one evaluation *group*: one pass of the test
 images through the network up to the site, shared by every setting and every protocol of the group.
 The vanilla model (noise none) joins the group of its model's default site. A group is one job, or
-(the config's ``evaluate.jobs: checkpoint``) the groups of one checkpoint are one job: its sites, and
-its seeds when they share it (``checkpoint_jobs``). Paths:
+(the config's ``evaluate.jobs``) the groups of one checkpoint are one job: its sites, and its seeds
+when they share it; or the groups of every checkpoint of one model are (``evaluation_jobs``). Paths:
 
     results/<dataset>/<model>/pretrain/model.safetensors         (or imported/, weights as loaded)
     results/<dataset>/<model>/finetune/noise~<token>/site~<site>/seed~<n>/model.safetensors
@@ -36,7 +36,7 @@ from noisynn.vocab import (
 # the numbers a noise token writes with :g; its words (kind, axis, neighbour, detach) are written whole
 _NUMBERS = ("strength", "alpha", "mean", "std")
 
-__all__ = ["Grid", "EvaluationGroup", "CheckpointJob", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
+__all__ = ["Grid", "EvaluationGroup", "EvaluationJob", "noise_token", "GROUP_PATH", "GROUP_PREDICTIONS"]
 
 
 def entry_noises(entry: dict) -> list[dict]:
@@ -92,18 +92,23 @@ class EvaluationGroup:
 
 
 @dataclass
-class CheckpointJob:
-    """The evaluation groups of one checkpoint (its sites, and its seeds when they share it): one job
-    that reads the checkpoint and the data once, when the config's ``evaluate.jobs`` is ``checkpoint``."""
+class EvaluationJob:
+    """Evaluation groups run by one process, which starts Python and torch once and reads each
+    checkpoint and the data once: those of one checkpoint (its sites, and its seeds when they share
+    it), or of every checkpoint of one model, as the config's ``evaluate.jobs`` says."""
 
-    folder: str  # the checkpoint's folder below results/<dataset>/, e.g. vit/finetune/noise~none/site~none/seed~0
+    folder: str  # what the job covers below results/<dataset>/: a checkpoint's folder or a model's name
     name: str  # the same in word characters, unique in the grid (the job's rule name)
-    checkpoint: str
     groups: list[EvaluationGroup]
 
     @property
     def model(self) -> str:
         return self.groups[0].model
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The checkpoints the job reads, in the order it evaluates them."""
+        return list(dict.fromkeys(g.checkpoint for g in self.groups))
 
 
 class Grid:
@@ -198,21 +203,27 @@ class Grid:
                 return g
         raise KeyError(f"no evaluation group model={model} train={train} site={site} seed={seed} in the grid")
 
-    def checkpoint_jobs(self) -> list[CheckpointJob]:
-        """The groups of each checkpoint, in the grid's order."""
-        by_checkpoint: dict[str, list[EvaluationGroup]] = {}
+    def evaluation_jobs(self, per: str) -> list[EvaluationJob]:
+        """The groups of each checkpoint (``per="checkpoint"``) or of each model (``per="model"``) as
+        jobs, in the grid's order (the evaluation reads each checkpoint once, whatever the order)."""
+        if per not in ("checkpoint", "model"):
+            raise ValueError(f"evaluation jobs are per checkpoint or per model, not {per!r}")
+        covered: dict[str, list[EvaluationGroup]] = {}
         for g in self.groups:
-            by_checkpoint.setdefault(g.checkpoint, []).append(g)
+            covered.setdefault(g.checkpoint if per == "checkpoint" else g.model, []).append(g)
         jobs, names = [], set()
-        for checkpoint, groups in by_checkpoint.items():
-            folder = checkpoint.removeprefix(f"results/{self.dataset}/").rsplit("/", 1)[0]
+        for key, groups in covered.items():
+            if per == "checkpoint":
+                folder = key.removeprefix(f"results/{self.dataset}/").rsplit("/", 1)[0]
+            else:
+                folder = key
             name = base = re.sub(r"\W+", "_", folder)
             count = 1
             while name in names:  # folders that differ only in punctuation
                 count += 1
                 name = f"{base}_{count}"
             names.add(name)
-            jobs.append(CheckpointJob(folder, name, checkpoint, groups))
+            jobs.append(EvaluationJob(folder, name, groups))
         return jobs
 
     def group_files(self) -> list[str]:

@@ -170,11 +170,13 @@ def group_settings(wildcards):
     return q(GRID.settings(evaluation_group(wildcards)))
 
 
-def checkpoint_groups(job):
-    """What the evaluate job of a checkpoint is told: each group's site, seed, settings and files."""
+def job_groups(job):
+    """What an evaluate job over several groups is told: each group's checkpoint, site, seed,
+    settings and files."""
     return q(
         [
             {
+                "checkpoint": g.checkpoint,
                 "site": g.site,
                 "seed": g.seed,
                 "settings": GRID.settings(g),

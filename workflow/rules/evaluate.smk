@@ -3,7 +3,8 @@
 # cluster runs side by side (adding a setting to a group reruns that group only); `checkpoint`, one
 # per checkpoint over its groups (its sites, and its seeds when they share it), which pays Python's
 # and torch's start-up and the reading of the checkpoint and the data once (profiles/default sets
-# it for local runs). Both write the same files.
+# it for local runs); `model`, one per model over every checkpoint of it, which pays them once per
+# model (the fewest start-ups; a job waits for all of the model's trainings). All write the same files.
 if CFG["evaluate"]["jobs"] == "site":
 
     rule evaluate:
@@ -41,14 +42,14 @@ if CFG["evaluate"]["jobs"] == "site":
 
 else:
 
-    for _job in GRID.checkpoint_jobs():
+    for _job in GRID.evaluation_jobs(CFG["evaluate"]["jobs"]):
 
         rule:
             name:
                 f"evaluate_{_job.name}"
             input:
                 data=rules.prepare_data.output.data,
-                checkpoint=_job.checkpoint,
+                checkpoints=_job.checkpoints,
             output:
                 evaluations=[g.path for g in _job.groups],
                 predictions=[g.predictions_path for g in _job.groups],
@@ -64,7 +65,7 @@ else:
                 mem_mb=evaluate_mem_mb,
                 runtime=evaluate_runtime(len(_job.groups)),
             params:
-                groups=checkpoint_groups(_job),
+                groups=job_groups(_job),
                 protocols=",".join(CFG["evaluate"]["protocols"]),
                 batch=model_test_batch_size(_job.model),
                 metric=model_reported_metric(_job.model),
@@ -72,7 +73,6 @@ else:
                 forward=CFG["evaluate"]["forward_batch_size"],
                 code=code_digest("evaluate"),
             shell:
-                "exec python -m noisynn evaluate --checkpoint {input.checkpoint} --data {input.data} "
-                "--groups {params.groups} --protocols {params.protocols} "
+                "exec python -m noisynn evaluate --data {input.data} --groups {params.groups} --protocols {params.protocols} "
                 "--test-batch-size {params.batch} --reported-metric {params.metric} "
                 "--num-workers {params.workers} --forward-batch-size {params.forward} > {log} 2>&1"

@@ -208,15 +208,12 @@ class Grid:
         jobs, in the grid's order (the evaluation reads each checkpoint once, whatever the order)."""
         if per not in ("checkpoint", "model"):
             raise ValueError(f"evaluation jobs are per checkpoint or per model, not {per!r}")
-        covered: dict[str, list[EvaluationGroup]] = {}
+        covered: dict[str, list[EvaluationGroup]] = {}  # what a job covers → its groups
         for g in self.groups:
-            covered.setdefault(g.checkpoint if per == "checkpoint" else g.model, []).append(g)
+            folder = g.model if per == "model" else g.checkpoint.removeprefix(f"results/{self.dataset}/").rsplit("/", 1)[0]
+            covered.setdefault(folder, []).append(g)
         jobs, names = [], set()
-        for key, groups in covered.items():
-            if per == "checkpoint":
-                folder = key.removeprefix(f"results/{self.dataset}/").rsplit("/", 1)[0]
-            else:
-                folder = key
+        for folder, groups in covered.items():
             name = base = re.sub(r"\W+", "_", folder)
             count = 1
             while name in names:  # folders that differ only in punctuation
